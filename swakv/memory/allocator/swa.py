@@ -1,0 +1,220 @@
+"""The hybrid allocator: a full pool, an SWA pool, and the page-level full->SWA map.
+
+Invariants (checked by `check_integrity`):
+- `full_to_swa_page[f]` is the SWA page of full page f, or 0 for none. Free full
+  pages map to 0; no two full pages map to the same SWA page.
+- Every allocated SWA page is mapped from exactly one allocated full page, so
+  `swa free + mapped == swa total` and `full free + allocated == full total`.
+- A token at full slot s has SWA slot `full_to_swa_page[s // P] * P + s % P` (page
+  congruence by construction); an unmapped token translates into padding page 0.
+- Every allocation is atomic across pools: both are checked before either is taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from swakv.memory.allocator.base import (
+    INDEX_DTYPE,
+    BaseAllocator,
+    InvalidFree,
+    OutOfKVMemory,
+    PageFreeList,
+)
+from swakv.memory.allocator.paged import PagedAllocator
+from swakv.memory.allocator.token import TokenAllocator
+from swakv.memory.pages import Need, num_pages
+
+
+def make_single_pool(num_pages_: int, page_size: int) -> BaseAllocator:
+    return TokenAllocator(num_pages_) if page_size == 1 else PagedAllocator(num_pages_, page_size)
+
+
+class SWAAllocator:
+    """Allocates full slots for request rows and maps their pages into the SWA pool.
+
+    `num_full_pages` / `num_swa_pages` count usable pages (page 0 excluded); the
+    pools' tensors need `(num_pages + 1) * page_size` slots.
+    """
+
+    def __init__(self, num_full_pages: int, num_swa_pages: int, page_size: int) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.page_size = page_size
+        self.full = make_single_pool(num_full_pages, page_size)
+        self.swa = PageFreeList(num_swa_pages)
+        self.full_to_swa_page = torch.zeros(num_full_pages + 1, dtype=INDEX_DTYPE)
+        self._pending_free: list[torch.Tensor] | None = None
+        self._pending_free_swa: list[torch.Tensor] | None = None
+
+    # ---- sizes (tokens) -------------------------------------------------------------
+    @property
+    def num_full_slots(self) -> int:
+        """Slots in the full pool tensors, padding page included."""
+        return (self.full.pages.num_pages + 1) * self.page_size
+
+    @property
+    def num_swa_slots(self) -> int:
+        return (self.swa.num_pages + 1) * self.page_size
+
+    def total(self) -> Need:
+        return Need(self.full.pages.num_pages * self.page_size, self.swa.num_pages * self.page_size)
+
+    def available(self) -> Need:
+        return Need(self.full_available(), self.swa_available())
+
+    def full_available(self) -> int:
+        return self.full.pages.num_free * self.page_size
+
+    def swa_available(self) -> int:
+        return self.swa.num_free * self.page_size
+
+    # ---- allocation -----------------------------------------------------------------
+    def _check(self, full_pages: int, swa_pages: int) -> None:
+        if full_pages > self.full.pages.num_free or swa_pages > self.swa.num_free:
+            p = self.page_size
+            raise OutOfKVMemory(Need(full_pages * p, swa_pages * p), self.available())
+
+    def _map_new(self, full_pages: torch.Tensor) -> None:
+        self.full_to_swa_page[full_pages] = self.swa.take(int(full_pages.numel()))
+
+    def alloc(self, num_tokens: int) -> torch.Tensor:
+        """Full slots for `num_tokens` tokens on fresh pages, all mapped to SWA."""
+        return self.alloc_extend(0, num_tokens, None)
+
+    def alloc_extend(self, prefix_len: int, seq_len: int, last_slot: int | None) -> torch.Tensor:
+        """Full slots for positions [prefix_len, seq_len) of one request.
+
+        `last_slot` is the full slot of position prefix_len - 1; when prefix_len is not
+        page aligned its page is continued in both pools. If that page has no SWA page
+        (should not happen under the frontier rule) one is mapped for it.
+        """
+        if seq_len < prefix_len:
+            raise ValueError(f"seq_len {seq_len} < prefix_len {prefix_len}")
+        n_new = self.full.new_pages_for_extend(prefix_len, seq_len)
+        remap = None
+        if prefix_len % self.page_size and seq_len > prefix_len:
+            page = int(last_slot) // self.page_size  # type: ignore[arg-type]
+            if int(self.full_to_swa_page[page]) == 0:
+                remap = torch.tensor([page], dtype=INDEX_DTYPE)
+        self._check(n_new, n_new + (remap is not None))
+        slots, new_pages = self.full.extend_slots(prefix_len, seq_len, last_slot)
+        self._map_new(new_pages if remap is None else torch.cat((remap, new_pages)))
+        return slots
+
+    def alloc_decode(self, cur_lens: torch.Tensor, last_slots: torch.Tensor) -> torch.Tensor:
+        """One full slot per request for the token at position `cur_lens[i]`.
+
+        `last_slots[i]` is the full slot of position `cur_lens[i] - 1` (read only when
+        cur_lens[i] is not page aligned). All or nothing across the batch.
+        """
+        n_new = int((cur_lens % self.page_size == 0).sum()) if self.page_size > 1 else int(
+            cur_lens.numel()
+        )
+        self._check(n_new, n_new)
+        slots, new_pages = self.full.decode_slots(cur_lens, last_slots)
+        self._map_new(new_pages)
+        return slots
+
+    def alloc_extend_swa_tail(self, seq_len: int, tail_len: int) -> torch.Tensor:
+        """Full slots for [0, seq_len) on fresh pages; SWA pages only for the tail.
+
+        The tail [seq_len - tail_len, seq_len) must start on a page boundary (it is
+        `swa_tail_len` of the sequence); earlier full pages map to 0.
+        """
+        p = self.page_size
+        tail_start = seq_len - tail_len
+        if tail_start % p or not 0 <= tail_len <= seq_len:
+            raise ValueError(f"tail [{tail_start}, {seq_len}) is not a page-aligned suffix")
+        n_full = num_pages(seq_len, p)
+        n_swa = n_full - tail_start // p
+        self._check(n_full, n_swa)
+        slots, new_pages = self.full.extend_slots(0, seq_len, None)
+        self._map_new(new_pages[n_full - n_swa :])
+        return slots
+
+    # ---- freeing --------------------------------------------------------------------
+    def free(self, full_slots: torch.Tensor) -> None:
+        """Free the full pages holding `full_slots` and their mapped SWA pages."""
+        if self._pending_free is not None:
+            self._pending_free.append(full_slots)
+            return
+        self._free_pages(self.full.pages_of(full_slots))
+
+    def free_swa(self, full_slots: torch.Tensor) -> None:
+        """Free only the SWA side of the pages holding `full_slots` (whole pages).
+
+        Unmapped pages are skipped; the full pages stay allocated and map to 0.
+        """
+        if self._pending_free_swa is not None:
+            self._pending_free_swa.append(full_slots)
+            return
+        self._free_swa_pages(self.full.pages_of(full_slots))
+
+    def _free_pages(self, pages: torch.Tensor) -> None:
+        if pages.numel() == 0:
+            return
+        self.full.pages.validate_give(pages)
+        swa_pages = self.full_to_swa_page[pages]
+        swa_pages = swa_pages[swa_pages > 0]
+        self.swa.validate_give(swa_pages)
+        self.full_to_swa_page[pages] = 0
+        self.full.pages.give(pages)
+        self.swa.give(swa_pages)
+
+    def _free_swa_pages(self, pages: torch.Tensor) -> None:
+        if pages.numel() == 0:
+            return
+        if bool(self.full.pages.is_free_mask()[pages].any()):
+            raise InvalidFree("free_swa on a full page that is not allocated")
+        swa_pages = self.full_to_swa_page[pages]
+        mapped = swa_pages > 0
+        self.swa.give(swa_pages[mapped])
+        self.full_to_swa_page[pages[mapped]] = 0
+
+    @contextmanager
+    def batch_free(self) -> Iterator[None]:
+        """Collect every free/free_swa inside the block and apply them once at exit.
+
+        SWA-only frees are applied first, then full frees. Nested use joins the outer batch.
+        """
+        if self._pending_free is not None:
+            yield
+            return
+        self._pending_free, self._pending_free_swa = [], []
+        try:
+            yield
+        finally:
+            frees, swa_frees = self._pending_free, self._pending_free_swa
+            self._pending_free = self._pending_free_swa = None
+            if swa_frees:
+                self._free_swa_pages(self.full.pages_of(torch.cat(swa_frees)))
+            if frees:
+                self._free_pages(self.full.pages_of(torch.cat(frees)))
+
+    # ---- translation and inspection -------------------------------------------------
+    def translate(self, full_slots: torch.Tensor) -> torch.Tensor:
+        """SWA slots of `full_slots`; unmapped positions land in padding page 0."""
+        p = self.page_size
+        if p == 1:
+            return self.full_to_swa_page[full_slots]
+        return self.full_to_swa_page[full_slots // p] * p + full_slots % p
+
+    def is_swa_mapped(self, full_slots: torch.Tensor) -> torch.Tensor:
+        """Bool per slot: does its page hold live SWA KV?"""
+        return self.full_to_swa_page[full_slots // self.page_size] > 0
+
+    def check_integrity(self) -> None:
+        self.full.pages.check_integrity()
+        self.swa.check_integrity()
+        full_free = self.full.pages.is_free_mask()
+        mapping = self.full_to_swa_page
+        assert int(mapping[0]) == 0, "padding page 0 is mapped"
+        assert not bool((mapping[full_free] != 0).any()), "a free full page maps to SWA"
+        mapped = mapping[mapping > 0]
+        assert mapped.numel() == int(torch.unique(mapped).numel()), "two full pages share an SWA page"
+        assert not bool(self.swa.is_free_mask()[mapped].any()), "a mapped SWA page is free"
+        assert self.swa.num_free + mapped.numel() == self.swa.num_pages, "SWA pages leaked"
