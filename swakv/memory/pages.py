@@ -79,6 +79,11 @@ def max_frontier(seq_len: int, window: int, page: int) -> int:
     page-aligned prefix the request will insert into the tree (length
     page_floor(seq_len)) must keep their window of W - 1 earlier positions:
     `frontier <= page_floor(page_floor(L) - (W - 1))`, never negative.
-    Example: L=1000, W=512, page=16 -> page_floor(992 - 511) = page_floor(481) = 480.
+    It is also kept at or below `swa_tail_start(L)`, so a request whose frontier is at
+    the maximum still holds the whole SWA tail a host copy or a PD transfer expects
+    (at page 1, or when W % page == 1, the first bound alone would pass it by one page).
+    Example: L=1000, W=512, page=16 -> page_floor(992 - 511) = page_floor(481) = 480,
+    and swa_tail_start = 480.
     """
-    return max(0, page_floor(page_floor(seq_len, page) - (window - 1), page))
+    rule = page_floor(page_floor(seq_len, page) - (window - 1), page)
+    return max(0, min(rule, swa_tail_start(seq_len, window, page)))

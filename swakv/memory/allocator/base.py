@@ -65,7 +65,7 @@ class PageFreeList:
         """Raise InvalidFree unless every page in `pages` is allocated."""
         if pages.numel() == 0:
             return
-        lo, hi = int(pages.min()), int(pages.max())
+        lo, hi = (int(x) for x in torch.aminmax(pages))
         if lo < 1 or hi > self.num_pages:
             raise InvalidFree(f"page id out of range [1, {self.num_pages}]: {lo}..{hi}")
         if bool(self._is_free[pages].any()):
@@ -75,6 +75,10 @@ class PageFreeList:
     def give(self, pages: torch.Tensor) -> None:
         """Return distinct allocated pages to the free list (validated first)."""
         self.validate_give(pages)
+        self._give_validated(pages)
+
+    def _give_validated(self, pages: torch.Tensor) -> None:
+        """`give` without the check, for callers that just ran `validate_give(pages)`."""
         self._is_free[pages] = True
         self._free = torch.cat((self._free, pages))
 

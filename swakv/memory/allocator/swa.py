@@ -162,8 +162,8 @@ class SWAAllocator:
         swa_pages = swa_pages[swa_pages > 0]
         self.swa.validate_give(swa_pages)
         self.full_to_swa_page[pages] = 0
-        self.full.pages.give(pages)
-        self.swa.give(swa_pages)
+        self.full.pages._give_validated(pages)  # both validated above: nothing changed yet
+        self.swa._give_validated(swa_pages)
 
     def _free_swa_pages(self, pages: torch.Tensor) -> None:
         if pages.numel() == 0:
