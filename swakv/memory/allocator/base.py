@@ -130,5 +130,11 @@ class BaseAllocator(ABC):
         return self.pages.num_free * self.page_size
 
     def pages_of(self, slots: torch.Tensor) -> torch.Tensor:
-        """Distinct pages holding `slots`."""
-        return torch.unique(slots // self.page_size)
+        """Distinct pages holding `slots`, which list each page's slots together.
+
+        Every caller frees runs of positions (a request's row range, a tree node's
+        value, or several such runs concatenated), so repeats are adjacent and a
+        sort-free `unique_consecutive` suffices. A page repeated non-adjacently is a
+        double free by the caller; `check_integrity` reports it as a duplicate.
+        """
+        return torch.unique_consecutive(slots // self.page_size)

@@ -27,4 +27,4 @@ class TokenAllocator(BaseAllocator):
         return pages, pages
 
     def pages_of(self, slots: torch.Tensor) -> torch.Tensor:
-        return torch.unique(slots)
+        return torch.unique_consecutive(slots)
