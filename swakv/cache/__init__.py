@@ -1,0 +1,34 @@
+"""What is cached and who may evict it: the window-aware radix prefix cache (DESIGN §4).
+
+Modules: `node` (types), `lru` (lazy heaps), `tree` (RadixTree), `integrity`
+(checks), `req_kv` (ReqKV), `facade` (PrefixCache), `chunk_cache` (ChunkCache).
+"""
+
+from swakv.cache.chunk_cache import ChunkCache
+from swakv.cache.facade import CacheStats, PrefixCache
+from swakv.cache.node import (
+    InsertResult,
+    LockError,
+    LockHandle,
+    MatchEnd,
+    MatchResult,
+    StaleMatch,
+    TreeNode,
+)
+from swakv.cache.req_kv import ReqKV
+from swakv.cache.tree import RadixTree
+
+__all__ = [
+    "CacheStats",
+    "ChunkCache",
+    "InsertResult",
+    "LockError",
+    "LockHandle",
+    "MatchEnd",
+    "MatchResult",
+    "PrefixCache",
+    "RadixTree",
+    "ReqKV",
+    "StaleMatch",
+    "TreeNode",
+]

@@ -653,3 +653,24 @@ def test_req_table_rows_write_read_free() -> None:
         rt.free_row(r)
     assert rt.num_free == 3
     rt.check_integrity()
+
+
+@pytest.mark.parametrize("P", [1, 4])
+def test_move_swa_hands_pages_over(P: int) -> None:
+    a = SWAAllocator(8, 8, P)
+    dst = a.alloc(2 * P)  # full pages 1, 2 with SWA pages 1, 2
+    a.free_swa(dst)  # dst becomes a tombstone
+    src = a.alloc(2 * P)  # full pages 3, 4 with SWA pages 3, 4
+    src_swa = a.translate(src).clone()
+    a.move_swa(dst, src)
+    assert torch.equal(a.translate(dst), src_swa)
+    assert not bool(a.is_swa_mapped(src).any())
+    a.check_integrity()
+    with pytest.raises(ValueError):
+        a.move_swa(dst, src)  # destination mapped, source unmapped now
+    a.free(src)
+    with pytest.raises(InvalidFree):
+        a.move_swa(src, dst)  # src pages are free
+    a.free(dst)
+    a.check_integrity()
+    assert a.available() == a.total()

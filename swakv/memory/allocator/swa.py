@@ -195,6 +195,30 @@ class SWAAllocator:
             if frees:
                 self._free_pages(self.full.pages_of(torch.cat(frees)))
 
+    def move_swa(self, dst_full_slots: torch.Tensor, src_full_slots: torch.Tensor) -> None:
+        """Hand the SWA pages of `src`'s full pages over to `dst`'s full pages.
+
+        Both list the full slots of the same page-aligned positions (equal length, a
+        multiple of the page size, each page's slots together), so page i of `src`
+        holds the KV of the same tokens as page i of `dst` (tombstone revival). Every
+        dst page must be allocated and unmapped, every src page mapped. Afterwards
+        `translate(dst)` equals the old `translate(src)` and src pages map to 0; no
+        free list changes.
+        """
+        p = self.page_size
+        n = int(dst_full_slots.numel())
+        if n != int(src_full_slots.numel()) or n % p:
+            raise ValueError(f"move_swa: {n} and {src_full_slots.numel()} slots are not equal pages")
+        dst_pages = dst_full_slots[::p] // p
+        src_pages = src_full_slots[::p] // p
+        swa_pages = self.full_to_swa_page[src_pages]
+        if bool(self.full.pages.is_free_mask()[dst_pages].any()):
+            raise InvalidFree("move_swa to a full page that is not allocated")
+        if bool((self.full_to_swa_page[dst_pages] != 0).any()) or bool((swa_pages == 0).any()):
+            raise ValueError("move_swa: destination already mapped or source unmapped")
+        self.full_to_swa_page[src_pages] = 0
+        self.full_to_swa_page[dst_pages] = swa_pages
+
     # ---- translation and inspection -------------------------------------------------
     def translate(self, full_slots: torch.Tensor) -> torch.Tensor:
         """SWA slots of `full_slots`; unmapped positions land in padding page 0."""

@@ -1,0 +1,66 @@
+"""`ChunkCache`: the facade without sharing (prefix caching off).
+
+Every page a request holds is request-owned (`protected_len == 0`, no lock); match
+always returns 0; finishing or releasing frees everything; evict frees nothing.
+The frontier works as in `PrefixCache` (`CacheBase.advance_frontier`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from swakv.cache.facade import CacheBase, CacheStats
+from swakv.cache.node import MatchResult
+from swakv.cache.req_kv import ReqKV
+from swakv.memory.allocator.base import INDEX_DTYPE
+from swakv.memory.pages import Need
+
+
+class ChunkCache(CacheBase):
+    """Same methods as `PrefixCache`; nothing is ever shared or cached."""
+
+    def match(self, token_ids: Sequence[int] | torch.Tensor) -> MatchResult:
+        return MatchResult(0, torch.zeros(0, dtype=INDEX_DTYPE), None, 0)
+
+    def admit(self, req: ReqKV, match: MatchResult) -> None:
+        if req.lock is not None or req.alloc_len:
+            raise ValueError(f"admit: request already holds KV: {req}")
+        if match.prefix_len:
+            raise ValueError("ChunkCache.admit: a match with a prefix")
+        req.kv_len = req.alloc_len = req.protected_len = req.frontier = 0
+        self._counters["admitted"] += 1
+        self._counters["prompt_tokens"] += len(req.token_ids)
+
+    def cache_unfinished(self, req: ReqKV) -> None:
+        """Nothing to do: the request keeps owning all its pages."""
+
+    def cache_finished(self, req: ReqKV) -> None:
+        self._free_own(req, 0)
+        self._reset(req)
+
+    def release(self, req: ReqKV) -> None:
+        self._free_own(req, 0)
+        self._reset(req)
+
+    def evict(self, need: Need) -> Need:
+        return Need(0, 0)
+
+    def evictable(self) -> Need:
+        return Need(0, 0)
+
+    def stats(self) -> CacheStats:
+        zero = Need(0, 0)
+        return CacheStats(cached=zero, evictable=zero, protected=zero, num_nodes=0,
+                          **self._counters)
+
+    def check_integrity(self, live: Iterable[ReqKV]) -> None:
+        live = list(live)
+        self.allocator.check_integrity()
+        self.req_table.check_integrity()
+        for req in live:
+            assert req.protected_len == 0 and req.lock is None, f"{req}: ChunkCache shares"
+        owners = torch.zeros(self.allocator.full.pages.num_pages + 1, dtype=torch.long)
+        self._check_requests(live, owners)
+        self._check_owners(owners)

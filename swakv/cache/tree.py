@@ -1,0 +1,434 @@
+"""Window-aware radix tree over page-aligned token keys (DESIGN §4).
+
+Keys are token-id tuples whose lengths are multiples of `page`; children are keyed
+by their first page of tokens. Each node holds its full slots (`value`) and an SWA
+state (`swa_live`; False = tombstone, see `node.py`).
+
+**Usable ends.** With window W, an end at prefix length P (page aligned) is usable
+iff full KV covers `[0, P)` (always, inside the tree) and SWA is live for
+`[max(0, P - (W - 1)), P)`. Example, W = 5, page 4: after a tombstone `[0, 8)`, an
+end at 12 needs positions 8..11 -> usable; with a tombstone `[4, 8)` an end at 8 is
+never usable, an end at 12 is (needs 8..11).
+
+**Insert rule (dedup and revival).** For a request's prefix `[0, n)` with
+`[0, protected_len)` already the tree's (held by the request's lock), walk the path:
+- spans the tree already holds at or beyond `protected_len`: the request's pages are
+  duplicates and are freed (`allocator.free`, which frees their SWA too); the caller
+  rewrites its row with `InsertResult.full_slots`;
+- except that a **tombstone** span whose request pages still have live SWA (all of it
+  at or beyond `max(frontier, protected_len)`; the node is split at that boundary
+  first) is **revived**: the tree node keeps its full pages and adopts the request's
+  SWA pages (`SWAAllocator.move_swa`: page i of the request's span and page i of the node
+  hold the same tokens at the same positions, so the SWA KV is exactly what the node
+  lacks); then the request's full pages are freed as duplicates. The node's slots
+  never change, so this is safe even while other requests lock the node (their rows
+  hold those slots), and the node's SWA stays the mapping of its own full pages;
+- the rest becomes new nodes owned by the tree: `[pos, live_from)` tombstones and
+  `[live_from, n)` live. A live new span longer than `cap = page_ceil(W)` is split
+  into `[.., n - cap)` and a capped leaf `[n - cap, n)`, so locking that leaf pins
+  exactly one window of SWA.
+
+**Locks.** `lock(end)` splits the end's node at P if P is interior, raises a full
+count on every node from the end to the root and an SWA count on the nodes
+overlapping `[max(0, P - (W - 1)), P)`. A split registers the new upper node in
+every handle holding the lower one: full count always, SWA count iff the upper part
+overlaps that handle's window (see `_split`); counts stay exact.
+
+**LRU.** Times come from a counter. Lock and insert set `full_time` on the whole
+path and `swa_time` on live nodes overlapping the last `W + page` tokens
+`[max(0, P - W - page), P)`. New nodes outside that range get `swa_time = 0`:
+their SWA is useless for future matches ending at P, so it goes first.
+
+**Eviction** (`evict(Need)`): first full eviction of unlocked leaves by `full_time`
+(cascading to parents that become leaves), freeing full pages with their SWA; then
+SWA eviction by `swa_time` over live nodes with `swa_lock == 0`. A pool the caller
+asked nothing of loses pages only as an unavoidable side effect, so: when
+`need.full > 0`, an SWA-evicted unlocked leaf is removed entirely; when
+`need.full == 0` it is only tombstoned (`evict(Need(0, n))` frees no full page).
+Internal and full-locked nodes are always only tombstoned.
+
+`evict` must not run inside a caller's `allocator.batch_free()` block: its tombstones
+must be unmapped when it returns (revival checks the mapping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from swakv.cache.lru import LazyLRU
+from swakv.cache.node import (
+    InsertResult,
+    LockError,
+    LockHandle,
+    MatchEnd,
+    MatchResult,
+    StaleMatch,
+    TreeNode,
+)
+from swakv.memory.allocator.base import INDEX_DTYPE
+from swakv.memory.allocator.swa import SWAAllocator
+from swakv.memory.pages import Need, page_ceil, page_floor
+
+TokenIds = Sequence[int] | torch.Tensor
+
+
+def as_tokens(token_ids: TokenIds) -> tuple[int, ...]:
+    """Token ids as a tuple (the key type of the tree)."""
+    if isinstance(token_ids, torch.Tensor):
+        return tuple(token_ids.tolist())
+    return token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
+
+
+class RadixTree:
+    """The tree, its locks, LRUs and per-component sizes (tokens, root excluded).
+
+    `full_protected` / `full_evictable`: tokens of nodes with / without a full lock.
+    `swa_protected` / `swa_evictable`: tokens of live-SWA nodes with / without an SWA
+    lock. Kept incrementally; `check_integrity` recomputes them.
+    """
+
+    def __init__(self, allocator: SWAAllocator, page_size: int, window: int) -> None:
+        if allocator.page_size != page_size:
+            raise ValueError(f"allocator page size {allocator.page_size} != {page_size}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.allocator = allocator
+        self.page = page_size
+        self.window = window
+        self.cap = page_ceil(window, page_size)
+        self.root = TreeNode(None, (), torch.zeros(0, dtype=INDEX_DTYPE), 0, True)
+        self.root.full_lock = self.root.swa_lock = 1
+        self.full_lru = LazyLRU(self._full_valid)
+        self.swa_lru = LazyLRU(self._swa_valid)
+        self.num_nodes = 0
+        self.full_protected = self.full_evictable = 0
+        self.swa_protected = self.swa_evictable = 0
+        self._clock = 0
+
+    # ---- eligibility and accounting ------------------------------------------------
+    @staticmethod
+    def _full_evictable_leaf(n: TreeNode) -> bool:
+        return n.value is not None and n.parent is not None and not n.children and not n.full_lock
+
+    @staticmethod
+    def _swa_evictable(n: TreeNode) -> bool:
+        return n.value is not None and n.parent is not None and n.swa_live and not n.swa_lock
+
+    def _full_valid(self, n: TreeNode, time: int) -> bool:
+        return n.full_time == time and self._full_evictable_leaf(n)
+
+    def _swa_valid(self, n: TreeNode, time: int) -> bool:
+        return n.swa_time == time and self._swa_evictable(n)
+
+    def _account(self, n: TreeNode, sign: int) -> None:
+        k = len(n.key) * sign
+        if n.full_lock:
+            self.full_protected += k
+        else:
+            self.full_evictable += k
+        if n.swa_live:
+            if n.swa_lock:
+                self.swa_protected += k
+            else:
+                self.swa_evictable += k
+
+    def _push(self, n: TreeNode) -> None:
+        """Queue `n` in each LRU it is eligible for, at its current times."""
+        if self._full_evictable_leaf(n):
+            self.full_lru.push(n.full_time, n)
+        if self._swa_evictable(n):
+            self.swa_lru.push(n.swa_time, n)
+
+    def _touch_path(self, node: TreeNode, prefix_len: int) -> None:
+        """Refresh full times on the path root..node, SWA times in the last W + page."""
+        self._clock += 1
+        now = self._clock
+        lo = max(0, prefix_len - self.window - self.page)
+        n = node
+        while n.parent is not None:
+            n.full_time = now
+            if n.swa_live and n.end > lo:
+                n.swa_time = now
+            self._push(n)
+            n = n.parent
+        self.full_lru.maybe_compact(self.num_nodes)
+        self.swa_lru.maybe_compact(self.num_nodes)
+
+    # ---- match ---------------------------------------------------------------------
+    def _common(self, key: tuple[int, ...], toks: tuple[int, ...], pos: int, n: int) -> int:
+        """Page-aligned common prefix of `key` and `toks[pos:n]` (first page known equal)."""
+        p = self.page
+        lim = min(len(key), n - pos)
+        if lim == len(key):
+            if toks[pos : pos + lim] == key:
+                return lim
+        elif toks[pos : pos + lim] == key[:lim]:
+            return lim
+        i = p
+        while i < lim and key[i : i + p] == toks[pos + i : pos + i + p]:
+            i += p
+        return i
+
+    def match(self, token_ids: TokenIds) -> MatchResult:
+        """Deepest usable page-aligned end for `token_ids` (read-only, no splits)."""
+        toks = as_tokens(token_ids)
+        p, w = self.page, self.window
+        n = page_floor(len(toks), p)
+        node, pos, dead_end = self.root, 0, 0  # dead_end: end of the deepest tombstone
+        pieces: list[torch.Tensor] = []
+        best = (self.root, 0, 0)  # (node, prefix_len, number of pieces)
+        while pos < n:
+            child = node.children.get(toks[pos : pos + p])
+            if child is None:
+                break
+            m = self._common(child.key, toks, pos, n)
+            pieces.append(child.value if m == len(child.key) else child.value[:m])  # type: ignore[index]
+            end = pos + m
+            if child.swa_live:
+                usable = dead_end == 0 or dead_end + w - 1 <= end
+            else:
+                usable, dead_end = w <= 1, child.end
+            if usable:
+                best = (child, end, len(pieces))
+            node, pos = child, end
+            if m < len(child.key):
+                break
+        bnode, blen, bcount = best
+        slots = torch.cat(pieces[:bcount]) if bcount else torch.zeros(0, dtype=INDEX_DTYPE)
+        return MatchResult(blen, slots, MatchEnd(bnode, blen), pos)
+
+    # ---- split / insert ------------------------------------------------------------
+    def _split(self, node: TreeNode, k: int) -> TreeNode:
+        """Split `node` at offset k (0 < k < len, page aligned); return the new upper node.
+
+        The upper node takes `[start, start + k)`; `node` keeps the lower part (and its
+        children, heap entries, counts and identity). Every handle holding `node` is
+        registered in the upper node: full count always (locks run to the root), SWA
+        count iff the handle held SWA on `node` and the upper part overlaps the
+        handle's window `[P - (W - 1), P)` (it ends before the lower part, so only
+        its end matters). So counts stay exact and `unlock` replays the handle.
+        """
+        assert 0 < k < len(node.key) and k % self.page == 0, (k, node)
+        parent = node.parent
+        assert parent is not None and node.value is not None
+        self._account(node, -1)
+        upper = TreeNode(parent, node.key[:k], node.value[:k], node.start, node.swa_live)
+        upper.full_lock = node.full_lock
+        upper.full_time, upper.swa_time = node.full_time, node.swa_time
+        for handle, swa in node.lockers.items():
+            # the upper part is in the handle's window iff it ends past the window start
+            swa = swa and upper.end > handle.prefix_len - (self.window - 1)
+            upper.lockers[handle] = swa
+            upper.swa_lock += swa
+            handle.full_nodes.append(upper)
+            if swa:
+                handle.swa_nodes.append(upper)
+        parent.children[upper.key[: self.page]] = upper
+        node.key, node.value = node.key[k:], node.value[k:]
+        node.start += k
+        node.parent = upper
+        upper.children[node.key[: self.page]] = node
+        self._account(node, 1)
+        self._account(upper, 1)
+        self.num_nodes += 1
+        self._push(upper)
+        return upper
+
+    def _revive(self, node: TreeNode, own: torch.Tensor) -> None:
+        """Tombstone `node` adopts the SWA pages of the request's pages `own`."""
+        assert node.value is not None
+        self.allocator.move_swa(node.value, own)
+        self._account(node, -1)
+        node.swa_live = True
+        self._account(node, 1)
+        self._push(node)
+
+    def _add_child(self, parent: TreeNode, toks: tuple[int, ...], slots: torch.Tensor,
+                   a: int, b: int, live: bool) -> TreeNode:
+        child = TreeNode(parent, toks[a:b], slots[a:b].clone(), a, live)
+        parent.children[toks[a : a + self.page]] = child
+        self._account(child, 1)
+        self.num_nodes += 1
+        self._push(child)  # swa_time 0: oldest, unless _touch_path refreshes it
+        return child
+
+    def insert(self, token_ids: TokenIds, full_slots: torch.Tensor,
+               protected_len: int, frontier: int) -> InsertResult:
+        """Insert a request's committed prefix `[0, n)`; see the module docstring.
+
+        `full_slots[i]` is the request's full slot of position i; `[0, protected_len)`
+        is already the tree's; request positions below `frontier` have no SWA.
+        """
+        toks = as_tokens(token_ids)
+        p, n = self.page, len(toks)
+        if n % p or int(full_slots.numel()) != n or protected_len % p or not 0 <= protected_len <= n:
+            raise ValueError(f"insert: n={n} slots={full_slots.numel()} protected={protected_len}")
+        live_from = max(protected_len, page_ceil(frontier, p))
+        node, pos = self.root, 0
+        pieces: list[torch.Tensor] = []
+        dups: list[torch.Tensor] = []
+        dedup = revived = 0
+        while pos < n:
+            child = node.children.get(toks[pos : pos + p])
+            if child is None:
+                break
+            m = self._common(child.key, toks, pos, n)
+            cuts = [m, protected_len - pos] + ([] if child.swa_live else [live_from - pos])
+            cut = min((c for c in cuts if 0 < c < len(child.key)), default=0)
+            if cut:
+                child, m = self._split(child, cut), min(m, cut)
+            assert child.value is not None and m == len(child.key)
+            if pos >= protected_len:
+                own = full_slots[pos : pos + m]
+                if not child.swa_live and pos >= live_from:
+                    self._revive(child, own)
+                    revived += m
+                dups.append(own)
+                dedup += m
+            pieces.append(child.value)
+            node, pos = child, pos + m
+        if pos < protected_len:
+            raise ValueError(f"insert: protected prefix [0, {protected_len}) not in the tree")
+        new_len = n - pos
+        if new_len:
+            t = min(max(live_from, pos), n)
+            spans = [(pos, t, False)] if t > pos else []
+            if n - t > self.cap:
+                spans += [(t, n - self.cap, True), (n - self.cap, n, True)]
+            elif n > t:
+                spans.append((t, n, True))
+            for a, b, live in spans:
+                node = self._add_child(node, toks, full_slots, a, b, live)
+                pieces.append(node.value)  # type: ignore[arg-type]
+        if dups:
+            self.allocator.free(torch.cat(dups))
+        self._touch_path(node, n)
+        slots = torch.cat(pieces) if pieces else torch.zeros(0, dtype=INDEX_DTYPE)
+        return InsertResult(n, slots, MatchEnd(node, n), dedup, revived, new_len)
+
+    # ---- locks ---------------------------------------------------------------------
+    def _resolve(self, end: MatchEnd) -> TreeNode:
+        """The live node covering position `end.prefix_len - 1` (root for 0)."""
+        plen, node = end.prefix_len, end.node
+        while node.parent is not None and (node.value is None or node.start >= plen):
+            node = node.parent
+        if (node.parent is None) != (plen == 0) or plen > node.end:
+            raise StaleMatch(f"end {plen} is no longer in the tree")
+        return node
+
+    def lock(self, end: MatchEnd) -> LockHandle:
+        """Lock a usable end: full counts to the root, SWA counts on its window."""
+        plen = end.prefix_len
+        node = self._resolve(end)
+        lo = max(0, plen - (self.window - 1))
+        n = node
+        while n.parent is not None and min(n.end, plen) > lo:
+            if not n.swa_live:
+                raise StaleMatch(f"end {plen}: window [{lo}, {plen}) is no longer live")
+            n = n.parent
+        if plen < node.end:
+            node = self._split(node, plen - node.start)
+        handle = LockHandle(plen, node, owner=self)
+        n = node
+        while n.parent is not None:
+            self._account(n, -1)
+            in_window = n.end > lo
+            n.full_lock += 1
+            handle.full_nodes.append(n)
+            if in_window:
+                n.swa_lock += 1
+                handle.swa_nodes.append(n)
+            n.lockers[handle] = in_window
+            self._account(n, 1)
+            n = n.parent
+        self._touch_path(node, plen)
+        return handle
+
+    def unlock(self, handle: LockHandle) -> None:
+        """Release exactly the counts `handle` raised; LockError if released or foreign."""
+        if handle.owner is not self:
+            raise LockError("lock handle issued by another tree")
+        if handle.released:
+            raise LockError("lock handle released twice")
+        for n in handle.full_nodes:
+            if handle not in n.lockers or n.full_lock <= 0:
+                raise LockError(f"handle does not hold {n}")
+        handle.released = True
+        for n in handle.full_nodes:
+            swa = n.lockers.pop(handle)
+            self._account(n, -1)
+            n.full_lock -= 1
+            if swa:
+                if n.swa_lock <= 0:
+                    raise LockError(f"SWA count of {n} is not held")
+                n.swa_lock -= 1
+            self._account(n, 1)
+            self._push(n)
+
+    # ---- eviction ------------------------------------------------------------------
+    def _remove(self, node: TreeNode, frees: list[torch.Tensor]) -> Need:
+        """Take an unlocked leaf out of the tree; its pages go to `frees`."""
+        parent = node.parent
+        assert parent is not None and node.value is not None and not node.children
+        del parent.children[node.key[: self.page]]
+        self._account(node, -1)
+        frees.append(node.value)
+        node.value = None
+        self.num_nodes -= 1
+        self._push(parent)
+        k = len(node.key)
+        return Need(k, k if node.swa_live else 0)
+
+    def evict(self, need: Need) -> Need:
+        """Free at least `need` tokens per pool if possible; returns tokens freed."""
+        freed = Need(0, 0)
+        frees: list[torch.Tensor] = []
+        swa_frees: list[torch.Tensor] = []
+        while freed.full < need.full:
+            node = self.full_lru.pop()
+            if node is None:
+                break
+            freed = freed + self._remove(node, frees)
+        while freed.swa < need.swa:
+            node = self.swa_lru.pop()
+            if node is None:
+                break
+            if need.full > 0 and not node.children and not node.full_lock:
+                freed = freed + self._remove(node, frees)
+                continue
+            self._account(node, -1)
+            node.swa_live = False
+            self._account(node, 1)
+            swa_frees.append(node.value)  # type: ignore[arg-type]
+            freed = freed + Need(0, len(node.key))
+        if swa_frees:
+            self.allocator.free_swa(torch.cat(swa_frees))
+        if frees:
+            self.allocator.free(torch.cat(frees))
+        self.full_lru.maybe_compact(self.num_nodes)
+        self.swa_lru.maybe_compact(self.num_nodes)
+        return freed
+
+    # ---- inspection ----------------------------------------------------------------
+    def nodes(self) -> Iterator[TreeNode]:
+        """Every node but the root, parents before children."""
+        stack = list(self.root.children.values())
+        while stack:
+            n = stack.pop()
+            yield n
+            stack.extend(n.children.values())
+
+    def path_slots(self, node: TreeNode) -> torch.Tensor:
+        """Full slots of `[0, node.end)` along the path root..node."""
+        pieces = []
+        while node.parent is not None:
+            pieces.append(node.value)
+            node = node.parent
+        return torch.cat(pieces[::-1]) if pieces else torch.zeros(0, dtype=INDEX_DTYPE)
+
+    def check_integrity(self) -> None:
+        from swakv.cache.integrity import check_tree
+
+        check_tree(self)
