@@ -120,3 +120,103 @@ class KVLayout:
         return sum(
             2 * a.num_kv_heads * a.head_dim * elem for a in self.layers if a.is_sliding == sliding
         )
+
+
+def _help(text: str, **kw):
+    """A dataclass field with `--help` text (the CLI builds its flags from these)."""
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Cache and scheduler settings: one source for defaults, the CLI and the docs."""
+
+    page_size: int = _help("tokens per KV page in both pools", default=16)
+    kv_memory: float = _help(
+        "KV cache budget: bytes if > 1, else a fraction of currently available RAM",
+        default=0.25,
+    )
+    swa_fraction: float | None = _help(
+        "share of the KV budget for the SWA pool; default: sized from the cost model "
+        "for max_running_requests concurrent windows",
+        default=None,
+    )
+    max_running_requests: int = _help("most requests decoding or prefilling at once", default=64)
+    chunk_size: int = _help("most prompt tokens prefilled per step (chunked prefill)", default=512)
+    max_context: int | None = _help(
+        "longest prompt + output in tokens; default: the model's limit", default=None
+    )
+    decode_reserve: int = _help(
+        "full-pool tokens reserved per running request for future outputs when admitting "
+        "(smaller admits more and may retract)",
+        default=256,
+    )
+    frontier_stride: int = _help(
+        "advance a request's SWA frontier once this many tokens can be freed (amortised)",
+        default=64,
+    )
+    enable_prefix_cache: bool = _help("share KV between requests with a radix tree", default=True)
+    dtype: str = _help("model and KV dtype: float32 (exact) or bfloat16 (fast)", default="float32")
+    num_threads: int | None = _help("torch CPU threads; default: all cores", default=None)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.page_size >= 1, "page_size must be >= 1"),
+            (self.kv_memory > 0, "kv_memory must be > 0"),
+            (self.swa_fraction is None or 0 < self.swa_fraction < 1, "swa_fraction in (0, 1)"),
+            (self.max_running_requests >= 1, "max_running_requests must be >= 1"),
+            (self.chunk_size >= 1, "chunk_size must be >= 1"),
+            (self.decode_reserve >= 1, "decode_reserve must be >= 1"),
+            (self.frontier_stride >= 1, "frontier_stride must be >= 1"),
+            (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float32 if self.dtype == "float32" else torch.bfloat16
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """HTTP server settings (`swakv serve`); engine settings live in EngineConfig."""
+
+    model: str = _help(
+        "model: 'default' (Gemma 3 270M), a .gguf file or a Hugging Face-style directory",
+        default="default",
+    )
+    served_model_name: str | None = _help(
+        "model id clients send and /v1/models lists; default: 'gemma3-270m' for the default "
+        "model, else the file or directory name",
+        default=None,
+    )
+    host: str = _help("address to bind (loopback by default; use 0.0.0.0 to expose)",
+                      default="127.0.0.1")
+    port: int = _help("TCP port", default=8000)
+    api_key: str | None = _help(
+        "require 'Authorization: Bearer KEY' on /v1/* (default: $SWAKV_API_KEY if set, "
+        "else no auth)",
+        default=None,
+    )
+    max_request_bytes: int = _help("largest request body accepted (larger: 413)",
+                                   default=4 << 20)
+    max_n: int = _help("most choices (n) per request", default=16)
+    drain_timeout: float = _help(
+        "seconds to let in-flight requests finish after SIGTERM before exiting", default=300.0
+    )
+    log_level: str = _help("server log level: debug, info, warning or error", default="info")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (1 <= self.port <= 65535 or self.port == 0, "port must be in [1, 65535] (0: any)"),
+            (self.max_request_bytes >= 1024, "max_request_bytes must be >= 1024"),
+            (self.max_n >= 1, "max_n must be >= 1"),
+            (self.drain_timeout >= 0, "drain_timeout must be >= 0"),
+            (self.log_level in ("debug", "info", "warning", "error"),
+             "log_level must be debug, info, warning or error"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

@@ -1,0 +1,222 @@
+"""EngineCore: one plain object driven by `step()`; owns the pools, the cache, the
+scheduler, the model runner and the sampler. The server and `LLM` hold one; nothing
+subclasses it. Not thread-safe: one thread calls `add_request`, `abort` and `step`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from swakv.cache import ChunkCache, PrefixCache
+from swakv.config import EngineConfig, KVLayout, ModelSpec
+from swakv.engine.metrics import EngineMetrics
+from swakv.engine.output import OutputText
+from swakv.engine.runner import BatchItem, ModelRunner
+from swakv.memory.allocator.swa import SWAAllocator
+from swakv.memory.kv_pool import KVPool
+from swakv.memory.req_table import ReqTable
+from swakv.model.sampler import Sampler
+from swakv.sampling_params import SamplingParams
+from swakv.sched.cost import CostModel
+from swakv.sched.request import FinishReason, Lifecycle, Request
+from swakv.sched.scheduler import ScheduledItem, Scheduler
+from swakv.sched.sizing import PoolSizes, PoolTooSmall, capacity_line, size_pools
+
+log = logging.getLogger("swakv.engine")
+
+
+class PromptTooLong(ValueError):
+    """A prompt that can never be served: longer than the model context or the full pool."""
+
+    def __init__(self, num_prompt_tokens: int, max_context: int, model_limit: int, full_pool: int):
+        super().__init__(
+            f"prompt has {num_prompt_tokens} tokens but at most {max_context - 1} fit "
+            f"(model context {model_limit} tokens, full KV pool {full_pool} tokens; "
+            "one position is kept for the first output token)"
+        )
+        self.num_prompt_tokens = num_prompt_tokens
+        self.max_context = max_context
+
+
+class EmptyPrompt(ValueError):
+    """A prompt with no tokens."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced for one request."""
+
+    request: Request
+    new_token_ids: list[int]
+    delta_text: str
+    finished: bool
+
+
+def effective_chunk_size(cfg: EngineConfig, window: int | None, swa_tokens: int) -> int:
+    """Largest chunk <= cfg.chunk_size whose prefill transient fits the SWA pool alone."""
+    if window is None:
+        return cfg.chunk_size
+    p = cfg.page_size
+    probe = CostModel(window, p, cfg.chunk_size, cfg.decode_reserve, cfg.frontier_stride)
+    fixed = probe.swa_prefill(1) - p  # chunk-independent part, with one page for the chunk
+    room = swa_tokens - fixed - (window - 1) % p
+    chunk = min(cfg.chunk_size, room - room % p if room >= p else room)
+    if chunk < 1:
+        raise PoolTooSmall(f"SWA pool of {swa_tokens} tokens cannot hold one window of {window}")
+    return chunk
+
+
+class EngineCore:
+    def __init__(self, spec: ModelSpec, model: torch.nn.Module, tokenizer, cfg: EngineConfig,
+                 sizes: PoolSizes | None = None) -> None:
+        self.spec, self.tokenizer, self.cfg = spec, tokenizer, cfg
+        window, p = spec.window, cfg.page_size
+        layout = KVLayout.from_model(spec, cfg.torch_dtype)
+        base_cost = CostModel(window, p, cfg.chunk_size, cfg.decode_reserve, cfg.frontier_stride)
+        self.sizes = sizes or size_pools(layout, cfg, base_cost)
+        chunk = effective_chunk_size(cfg, window, self.sizes.swa_tokens)
+        self.cost = CostModel(window, p, chunk, cfg.decode_reserve, cfg.frontier_stride)
+        self.allocator = SWAAllocator(self.sizes.num_full_pages, self.sizes.num_swa_pages, p)
+        self.kv_pool = KVPool(layout, self.allocator)
+        self.model_limit = cfg.max_context or spec.max_position_embeddings
+        self.max_context = min(self.model_limit, self.sizes.full_tokens)
+        self.req_table = ReqTable(cfg.max_running_requests, self.max_context)
+        cache_cls = PrefixCache if cfg.enable_prefix_cache else ChunkCache
+        self.cache = cache_cls(self.allocator, self.req_table, p, window)
+        self.runner = ModelRunner(model, self.kv_pool, self.req_table)
+        self.sampler = Sampler()
+        self.scheduler = Scheduler(self.cost, self.allocator, self.req_table, self.cache,
+                                   cfg.max_running_requests)
+        self.eos_ids = frozenset(spec.eos_token_ids) | frozenset(getattr(tokenizer, "eos_ids", ()))
+        self.requests: dict[str, Request] = {}
+        self._texts: dict[str, OutputText] = {}
+        self.metrics = EngineMetrics()
+        log.info(capacity_line(self.sizes, self.cost))
+
+    # ---- submission -----------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> Request:
+        """Validate and queue a request; raises PromptTooLong / EmptyPrompt at once."""
+        if not prompt_ids:
+            raise EmptyPrompt("prompt must contain at least one token")
+        if len(prompt_ids) >= self.max_context:
+            raise PromptTooLong(len(prompt_ids), self.max_context, self.model_limit,
+                                self.sizes.full_tokens)
+        bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
+        req = Request(list(prompt_ids), params, self.max_context, arrival_time=time.monotonic())
+        if request_id is not None:
+            req.request_id = request_id
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id}")
+        self.requests[req.request_id] = req
+        self._texts[req.request_id] = OutputText(self.tokenizer, params, self.eos_ids)
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV; False if it is unknown or already done."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return False
+        self.scheduler.finish(req, insert=req.lifecycle is Lifecycle.RUNNING)
+        self._finish(req, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    # ---- stepping -------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        t0 = time.perf_counter()
+        items = self.scheduler.schedule()
+        if not items:
+            return []
+        batch = [BatchItem(i.req.kv.row, i.prefix_len,
+                           i.req.token_ids[i.prefix_len : i.prefix_len + i.num_tokens])
+                 for i in items]
+        out = self.runner.forward(batch)
+        for i in items:
+            i.req.kv.kv_len = i.prefix_len + i.num_tokens
+        sampling = [(k, i) for k, i in enumerate(items) if i.completes]
+        if self.cfg.enable_prefix_cache:
+            for i in items:
+                if not i.completes:  # a prefill chunk: the tree takes its committed pages
+                    self.cache.cache_unfinished(i.req.kv)
+        results = self._sample(out.last_logits, sampling)
+        self.metrics.on_step(len(items), sum(i.num_tokens for i in items),
+                             time.perf_counter() - t0)
+        return results
+
+    def _sample(self, logits: torch.Tensor, sampling: list[tuple[int, ScheduledItem]]
+                ) -> list[StepOutput]:
+        if not sampling:
+            return []
+        reqs = [i.req for _, i in sampling]
+        logits = logits[[k for k, _ in sampling]]
+        self._mask_early_stops(logits, reqs)
+        res = self.sampler.sample(
+            logits,
+            [r.params for r in reqs],
+            [r.generator for r in reqs],
+            [r.prompt_ids for r in reqs],
+            [r.output_ids for r in reqs],
+        )
+        outputs = []
+        now = time.monotonic()
+        for j, req in enumerate(reqs):
+            token = int(res.token_ids[j])
+            req.token_ids.append(token)
+            if res.logprobs[j] is not None:
+                req.output_logprobs.append(res.logprobs[j])
+            if req.first_token_time is None:
+                req.first_token_time = now
+            text = self._texts[req.request_id]
+            reason = text.add_token(token, req.num_output_tokens, req.max_new_tokens == 0)
+            if reason is not None:
+                self.scheduler.finish(req)
+                self._finish(req, reason)
+            outputs.append(StepOutput(req, [token], text.take_delta(reason is not None),
+                                      reason is not None))
+        return outputs
+
+    def _mask_early_stops(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        """Before `min_tokens` outputs, EOS and stop tokens cannot be sampled."""
+        for j, req in enumerate(reqs):
+            p = req.params
+            if req.num_output_tokens < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
+                if banned:
+                    logits[j, banned] = float("-inf")
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        req.lifecycle = Lifecycle.FINISHED
+        req.finish_reason = reason
+        req.finish_time = time.monotonic()
+        self.metrics.on_finish(req)
+
+    def output_text(self, request_id: str) -> str:
+        return self._texts[request_id].text
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's bookkeeping (the server calls it after replying)."""
+        req = self.requests.get(request_id)
+        if req is not None and req.is_finished:
+            del self.requests[request_id]
+            del self._texts[request_id]
+
+    # ---- inspection -----------------------------------------------------------------
+    def check_integrity(self) -> None:
+        self.allocator.check_integrity()
+        self.req_table.check_integrity()
+        self.cache.check_integrity(self.scheduler.live_kvs())
+
+    def flush_cache(self) -> None:
+        """Evict everything the cache holds that no running request pins."""
+        total = self.allocator.total()
+        self.cache.evict(total)

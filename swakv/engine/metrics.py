@@ -1,0 +1,52 @@
+"""Engine counters and the pool-usage snapshot the server exports."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from swakv.sched.request import Request
+
+
+@dataclass
+class EngineMetrics:
+    """Monotonic counters plus a window of recent step and request timings (seconds)."""
+
+    num_steps: int = 0
+    num_scheduled_tokens: int = 0
+    num_finished: int = 0
+    num_aborted: int = 0
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    step_times: deque = field(default_factory=lambda: deque(maxlen=1024))
+    latencies: deque = field(default_factory=lambda: deque(maxlen=1024))
+    ttfts: deque = field(default_factory=lambda: deque(maxlen=1024))
+
+    def on_step(self, num_items: int, num_tokens: int, seconds: float) -> None:
+        self.num_steps += 1
+        self.num_scheduled_tokens += num_tokens
+        self.step_times.append(seconds)
+
+    def on_finish(self, req: Request) -> None:
+        self.num_finished += 1
+        self.num_aborted += req.finish_reason is not None and req.finish_reason.value == "abort"
+        self.num_prompt_tokens += req.num_prompt_tokens
+        self.num_output_tokens += req.num_output_tokens
+        if req.finish_time is not None:
+            self.latencies.append(req.finish_time - req.arrival_time)
+        if req.first_token_time is not None:
+            self.ttfts.append(req.first_token_time - req.arrival_time)
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    """Tokens of one pool: used by requests, held by the cache (evictable or pinned), free."""
+
+    total: int
+    free: int
+    cached: int
+    cached_evictable: int
+
+    @property
+    def used(self) -> int:
+        return self.total - self.free

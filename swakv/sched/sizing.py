@@ -1,0 +1,97 @@
+"""Pool sizing from a KV memory budget, and the capacity line logged at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swakv.config import EngineConfig, KVLayout
+from swakv.memory.pages import page_ceil
+from swakv.sched.cost import CostModel
+
+
+class PoolTooSmall(ValueError):
+    """The KV budget cannot hold even one request of minimal size."""
+
+
+@dataclass(frozen=True)
+class PoolSizes:
+    num_full_pages: int  # usable pages (page 0 excluded)
+    num_swa_pages: int
+    page_size: int
+    full_bytes: int
+    swa_bytes: int
+
+    @property
+    def full_tokens(self) -> int:
+        return self.num_full_pages * self.page_size
+
+    @property
+    def swa_tokens(self) -> int:
+        return self.num_swa_pages * self.page_size
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else 4 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def kv_budget_bytes(kv_memory: float) -> int:
+    return int(kv_memory) if kv_memory > 1 else int(kv_memory * available_ram_bytes())
+
+
+def size_pools(layout: KVLayout, cfg: EngineConfig, cost: CostModel) -> PoolSizes:
+    """Split the KV budget between the full and the SWA pool.
+
+    Without `swa_fraction`, the SWA pool gets what `max_running_requests` decoding
+    windows plus one prefill chunk's transient need, and the full pool the rest.
+    """
+    p = cfg.page_size
+    budget = kv_budget_bytes(cfg.kv_memory)
+    full_bpt = layout.bytes_per_token(sliding=False)
+    swa_bpt = layout.bytes_per_token(sliding=True)
+    if swa_bpt == 0:
+        swa_bytes = 0
+    elif cfg.swa_fraction is not None:
+        swa_bytes = int(budget * cfg.swa_fraction)
+    else:
+        swa_tokens = cfg.max_running_requests * cost.swa_steady() + cost.swa_prefill(cfg.chunk_size)
+        swa_bytes = min(swa_tokens * swa_bpt, budget // 2)
+    full_bytes = budget - swa_bytes
+    num_full_pages = full_bytes // (full_bpt * p) - 1 if full_bpt else 0
+    num_swa_pages = swa_bytes // (swa_bpt * p) - 1 if swa_bpt else 0
+    min_swa = (cost.swa_prefill(1) // p) if swa_bpt else 0
+    if num_full_pages < 2 or num_swa_pages < min_swa:
+        raise PoolTooSmall(
+            f"KV budget of {budget} bytes gives {num_full_pages} full and {num_swa_pages} SWA "
+            f"pages of {p} tokens; need at least 2 full and {min_swa} SWA pages"
+        )
+    return PoolSizes(
+        num_full_pages=num_full_pages,
+        num_swa_pages=max(0, num_swa_pages),
+        page_size=p,
+        full_bytes=(num_full_pages + 1) * p * full_bpt,
+        swa_bytes=(max(0, num_swa_pages) + 1) * p * swa_bpt,
+    )
+
+
+def capacity_line(sizes: PoolSizes, cost: CostModel, lengths: tuple[int, ...] = (8192, 32768)) -> str:
+    """'KV pools: full 1.2 GiB (…), SWA …; fits 12 concurrent requests of 8k tokens, 3 of 32k'."""
+    parts = []
+    for length in lengths:
+        full = sizes.full_tokens // page_ceil(length, sizes.page_size)
+        steady = cost.swa_steady()
+        swa = sizes.swa_tokens // min(steady, page_ceil(length, sizes.page_size)) if steady else full
+        parts.append(f"{min(full, swa)} of {length // 1024}k")
+    gib = 1 << 30
+    return (
+        f"KV pools: full {sizes.full_bytes / gib:.2f} GiB ({sizes.full_tokens} tokens), "
+        f"SWA {sizes.swa_bytes / gib:.2f} GiB ({sizes.swa_tokens} tokens); fits "
+        f"{parts[0]} tokens" + "".join(f", {x}" for x in parts[1:]) + " concurrently"
+    )
