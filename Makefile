@@ -24,3 +24,9 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The OpenAI-compatible server on the default model (Gemma 3 270M) at 127.0.0.1:8000.
+# Extra flags: make serve ARGS="--port 9000 --kv-memory 2GiB"
+.PHONY: serve
+serve: $(STAMP)
+	$(BIN)/swakv serve $(ARGS)

@@ -1,0 +1,332 @@
+"""AsyncEngine: the EngineCore stepped by ONE background thread, fed from asyncio.
+
+Threading contract:
+- Only the engine thread touches the EngineCore after `start()`. HTTP handlers talk
+  to it through `_cmds` (a thread-safe queue) that the thread drains before every
+  step; when the engine has no work the thread blocks on that queue (no spinning).
+- Results go back to the event loop with `loop.call_soon_threadsafe`, batched: one
+  call per loop iteration puts every event of that iteration on its request
+  group's `asyncio.Queue`.
+- `snapshot` (pool usage, queue lengths, counters) is rebuilt by the engine thread
+  after every iteration and replaced atomically; /metrics and /health read it
+  without touching the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from swakv.memory.pages import Need
+from swakv.sampling_params import SamplingParams
+
+log = logging.getLogger("swakv.server")
+
+
+@dataclass(frozen=True)
+class Accepted:
+    index: int
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    index: int
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New output of one choice; `finish_reason` and the token counts are set on the last."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine thread has stopped (shutdown) or died (a step raised)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What /metrics exports, taken by the engine thread. Need values are in tokens."""
+
+    total: Need = Need()
+    free: Need = Need()
+    cached: Need = Need()  # held by the prefix cache (evictable or pinned by a lock)
+    cached_evictable: Need = Need()
+    num_waiting: int = 0
+    num_running: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def used(self) -> Need:
+        return self.total - self.free
+
+    @property
+    def used_by_requests(self) -> Need:
+        """Pages a request owns (not the tree's): zero when nothing runs, else a leak."""
+        return (self.used - self.cached).clamp_min(0)
+
+
+def cache_sizes(cache: Any) -> tuple[Need, Need]:
+    """(cached, evictable) token counts of the cache facade, both pools."""
+    stats = cache.stats()
+    return stats.cached, stats.evictable
+
+
+def take_snapshot(engine: Any) -> Snapshot:
+    cached, evictable = cache_sizes(engine.cache)
+    sched, m = engine.scheduler, engine.metrics
+    c = sched.counters
+    counters = {
+        "prefix_hit_tokens": c.prefix_hit_tokens,
+        "prefix_lookup_tokens": c.prefix_lookup_tokens,
+        "window_miss_tokens": c.window_miss_tokens,
+        "full_miss_tokens": c.full_miss_tokens,
+        "retractions": c.num_retractions,
+        "steps": m.num_steps,
+        "scheduled_tokens": m.num_scheduled_tokens,
+        "finished": m.num_finished,
+        "aborted": m.num_aborted,
+        "prompt_tokens": m.num_prompt_tokens,
+        "output_tokens": m.num_output_tokens,
+    }
+    return Snapshot(engine.allocator.total(), engine.allocator.available(), cached, evictable,
+                    len(sched.waiting), len(sched.running), counters)
+
+
+class Observer:
+    """Timing hooks the engine thread calls (the Prometheus histograms implement them)."""
+
+    def on_step(self, seconds: float) -> None: ...
+    def on_first_token(self, seconds: float) -> None: ...
+    def on_finish(self, seconds: float) -> None: ...
+
+
+@dataclass
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    index: int
+
+
+_STOP = object()
+
+
+class RequestGroup:
+    """The n choices (x prompts) of one HTTP request; events arrive on one queue."""
+
+    def __init__(self, engine: AsyncEngine, q: asyncio.Queue, request_ids: list[str]) -> None:
+        self.engine, self.queue, self.request_ids = engine, q, request_ids
+        self.finished: set[int] = set()
+        self.closed = False
+
+    async def wait_accepted(self) -> None:
+        """Wait until the engine queued every choice; on any failure abort all and raise it."""
+        error: BaseException | None = None
+        for _ in self.request_ids:
+            ev = await self.queue.get()
+            if isinstance(ev, Failed):
+                self.finished.add(ev.index)
+                error = error or ev.error
+        if error is not None:
+            self.close()
+            raise error
+
+    async def events(self) -> AsyncIterator[Delta]:
+        """Deltas until every choice finished; raises EngineUnavailable if the engine stops."""
+        while len(self.finished) < len(self.request_ids):
+            ev = await self.queue.get()
+            if isinstance(ev, Failed):
+                self.finished.add(ev.index)
+                self.close()
+                raise ev.error
+            if ev.finish_reason is not None:
+                self.finished.add(ev.index)
+            yield ev
+
+    def close(self) -> None:
+        """Abort every choice that has not finished (idempotent; safe from any thread)."""
+        if self.closed:
+            return
+        self.closed = True
+        pending = [rid for i, rid in enumerate(self.request_ids) if i not in self.finished]
+        if pending:
+            self.engine.abort(pending)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Any, observer: Observer | None = None) -> None:
+        self.engine = engine  # owned by the engine thread once started
+        self.observer = observer or Observer()
+        # Immutable facts the HTTP side may read directly.
+        self.max_context: int = engine.max_context
+        self.vocab_size: int = engine.spec.vocab_size
+        self.tokenizer = engine.tokenizer
+        self.supports_logprobs = bool(getattr(engine.sampler, "supports_logprobs", True))
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._live: dict[str, _Sink] = {}  # engine thread only
+        self._outbox: list[tuple[_Sink, Any]] = []  # engine thread only
+        self._thread = threading.Thread(target=self._run, name="swakv-engine", daemon=True)
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.snapshot: Snapshot = take_snapshot(engine)
+
+    # ---- event-loop side ----------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Abort whatever still runs and join the thread."""
+        if self._thread.is_alive():
+            self._cmds.put(_STOP)
+            self._thread.join(timeout)
+        self.stopped = True
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive() and not self.stopped
+
+    def submit(self, request_id: str, work: list[tuple[list[int], SamplingParams]]
+               ) -> RequestGroup:
+        """Queue one engine request per (prompt_ids, params); call from the event loop."""
+        if not self.healthy:
+            raise EngineUnavailable(f"engine is not running: {self.error or 'shut down'}")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        ids = [f"{request_id}-{i}" for i in range(len(work))]
+        items = [(rid, p, sp, _Sink(loop, q, i)) for i, (rid, (p, sp)) in enumerate(zip(ids, work))]
+        self._cmds.put(("add", items))
+        return RequestGroup(self, q, ids)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._cmds.put(("abort", list(request_ids)))
+
+    # ---- engine thread ------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            busy = self.error is None and self.engine.has_unfinished()
+            cmds = self._drain(block=not busy)
+            if _STOP in cmds:
+                self._shutdown()
+                return
+            for cmd in cmds:
+                self._handle(cmd)
+            if cmds:  # show new and aborted requests before a possibly long step
+                self.snapshot = take_snapshot(self.engine)
+                self._flush()
+            if self.error is None and self.engine.has_unfinished():
+                self._step()
+            self.snapshot = take_snapshot(self.engine)
+            self._flush()
+
+    def _drain(self, block: bool) -> list:
+        cmds = []
+        try:
+            cmds.append(self._cmds.get(block=block))
+            while True:
+                cmds.append(self._cmds.get_nowait())
+        except queue.Empty:
+            pass
+        return cmds
+
+    def _handle(self, cmd) -> None:
+        kind, payload = cmd
+        if kind == "add":
+            for rid, prompt_ids, params, sink in payload:
+                if self.error is not None:
+                    self._emit(sink, Failed(sink.index, EngineUnavailable(str(self.error))))
+                    continue
+                try:
+                    self.engine.add_request(prompt_ids, params, request_id=rid)
+                except ValueError as e:  # PromptTooLong, EmptyPrompt, bad token ids
+                    self._emit(sink, Failed(sink.index, e))
+                    continue
+                self._live[rid] = sink
+                self._emit(sink, Accepted(sink.index, rid))
+        elif kind == "abort":
+            for rid in payload:
+                if self._live.pop(rid, None) is not None:
+                    self.engine.abort(rid)
+                    self.engine.release(rid)
+
+    def _step(self) -> None:
+        eng = self.engine
+        t0 = time.perf_counter()
+        steps_before = eng.metrics.num_steps
+        try:
+            outputs = eng.step()
+        except Exception as e:  # an engine bug: fail everything, report unhealthy
+            log.exception("engine step failed; failing all requests")
+            self.error = e
+            for sink in self._live.values():
+                self._emit(sink, Failed(sink.index, EngineUnavailable(f"engine failed: {e}")))
+            self._live.clear()
+            return
+        if eng.metrics.num_steps > steps_before:
+            self.observer.on_step(time.perf_counter() - t0)
+        for out in outputs:
+            req = out.request
+            sink = self._live.get(req.request_id)
+            if sink is None:
+                continue
+            n_new = len(out.new_token_ids)
+            logprobs = None
+            if req.params.logprobs is not None and req.output_logprobs:
+                logprobs = list(req.output_logprobs[-n_new:])
+            if req.num_output_tokens == n_new and req.first_token_time is not None:
+                self.observer.on_first_token(req.first_token_time - req.arrival_time)
+            if not out.finished:
+                self._emit(sink, Delta(sink.index, out.delta_text, out.new_token_ids, logprobs))
+                continue
+            reason = req.finish_reason.value if req.finish_reason else "stop"
+            self._emit(sink, Delta(sink.index, out.delta_text, out.new_token_ids, logprobs,
+                                   reason, req.num_prompt_tokens, req.num_output_tokens,
+                                   req.cached_prompt_tokens))
+            if req.finish_time is not None:
+                self.observer.on_finish(req.finish_time - req.arrival_time)
+            del self._live[req.request_id]
+            eng.release(req.request_id)
+
+    def _shutdown(self) -> None:
+        for rid, sink in list(self._live.items()):
+            self.engine.abort(rid)
+            self.engine.release(rid)
+            self._emit(sink, Failed(sink.index, EngineUnavailable("server is shutting down")))
+        self._live.clear()
+        self.snapshot = take_snapshot(self.engine)
+        self._flush()
+
+    def _emit(self, sink: _Sink, event: Any) -> None:
+        self._outbox.append((sink, event))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, Any]]] = {}
+        for sink, event in self._outbox:
+            by_loop.setdefault(sink.loop, []).append((sink, event))
+        self._outbox = []
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
+
+def _deliver(batch: list[tuple[_Sink, Any]]) -> None:
+    for sink, event in batch:
+        sink.queue.put_nowait(event)

@@ -1,0 +1,196 @@
+"""OpenAI request bodies, the error type, and their mapping to SamplingParams.
+
+Only what the engine can honour is accepted: unsupported features (tools, logit_bias,
+echo, ...) are refused with a 400 naming the parameter, never silently ignored.
+Unknown extra fields are ignored, like the OpenAI API does for forward compatibility.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from swakv.sampling_params import InvalidSamplingParams, SamplingParams
+
+MAX_SEED = 2**63 - 1
+
+
+class ApiError(Exception):
+    """An error the client caused (or a server state it must see), in OpenAI's format.
+
+    The body is `{"error": {"message", "type", "param", "code"}}`.
+    """
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type, param, code)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def from_validation_error(err: ValidationError) -> ApiError:
+    first = err.errors()[0]
+    param = ".".join(str(p) for p in first.get("loc", ())) or None
+    return bad_request(f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI + extensions)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: str | list[str] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # Extensions (vLLM / SGLang names)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    def check_common(self, max_n: int) -> None:
+        if self.n > max_n:
+            raise bad_request(f"n must be <= {max_n}, got {self.n}", "n")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed when stream is true",
+                              "stream_options")
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias", "unsupported")
+
+    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """The engine params of one choice; raises ApiError (400) for out-of-range values."""
+        given = {
+            "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+            "min_p": self.min_p, "seed": self.seed,
+            "repetition_penalty": self.repetition_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty, "min_tokens": self.min_tokens,
+            "stop_token_ids": tuple(self.stop_token_ids) if self.stop_token_ids else None,
+        }
+        kwargs = {k: v for k, v in given.items() if v is not None}
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        try:
+            return SamplingParams(max_tokens=max_tokens, stop=stop, ignore_eos=self.ignore_eos,
+                                  logprobs=logprobs, **kwargs)
+        except InvalidSamplingParams as e:
+            message = str(e)
+            raise bad_request(message, message.split(" ", 1)[0]) from None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check(self, max_n: int) -> None:
+        self.check_common(max_n)
+        if self.echo:
+            raise bad_request("echo is not supported", "echo", "unsupported")
+        if self.suffix:
+            raise bad_request("suffix is not supported", "suffix", "unsupported")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request("best_of other than n is not supported", "best_of", "unsupported")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request: one string or token list each."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise bad_request("prompt must not be empty", "prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self, index: int) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad_request("only text content parts are supported",
+                                  f"messages.{index}.content", "unsupported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check(self, max_n: int) -> None:
+        self.check_common(max_n)
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise bad_request(f"{name} are not supported", name, "unsupported")
+        if self.tool_choice not in (None, "none"):
+            raise bad_request("tool_choice is not supported", "tool_choice", "unsupported")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise bad_request("only response_format type 'text' is supported",
+                              "response_format", "unsupported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+
+    def conversation(self) -> list[dict[str, str]]:
+        """Messages as the chat template expects them ('developer' is a system message)."""
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+                for i, m in enumerate(self.messages)]
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
