@@ -13,7 +13,7 @@ import torch
 
 from swakv.cache import ChunkCache, PrefixCache
 from swakv.config import EngineConfig, KVLayout, ModelSpec
-from swakv.engine.metrics import EngineMetrics
+from swakv.engine.metrics import EngineMetrics, EngineSnapshot
 from swakv.engine.output import OutputText
 from swakv.engine.runner import BatchItem, ModelRunner
 from swakv.memory.allocator.swa import SWAAllocator
@@ -54,6 +54,7 @@ class StepOutput:
     new_token_ids: list[int]
     delta_text: str
     finished: bool
+    logprobs: tuple | None = None  # TokenLogprobs per new token when params.logprobs is set
 
 
 def effective_chunk_size(cfg: EngineConfig, window: int | None, swa_tokens: int) -> int:
@@ -182,7 +183,8 @@ class EngineCore:
                 self.scheduler.finish(req)
                 self._finish(req, reason)
             outputs.append(StepOutput(req, [token], text.take_delta(reason is not None),
-                                      reason is not None))
+                                      reason is not None,
+                                      None if res.logprobs[j] is None else (res.logprobs[j],)))
         return outputs
 
     def _mask_early_stops(self, logits: torch.Tensor, reqs: list[Request]) -> None:
@@ -215,6 +217,27 @@ class EngineCore:
         self.allocator.check_integrity()
         self.req_table.check_integrity()
         self.cache.check_integrity(self.scheduler.live_kvs())
+
+    def snapshot(self) -> EngineSnapshot:
+        """Pool usage, queue lengths and counters (what /metrics exports)."""
+        stats = self.cache.stats()
+        c, m = self.scheduler.counters, self.metrics
+        counters = {
+            "prefix_hit_tokens": c.prefix_hit_tokens,
+            "prefix_lookup_tokens": c.prefix_lookup_tokens,
+            "window_miss_tokens": c.window_miss_tokens,
+            "full_miss_tokens": c.full_miss_tokens,
+            "retractions": c.num_retractions,
+            "steps": m.num_steps,
+            "scheduled_tokens": m.num_scheduled_tokens,
+            "finished": m.num_finished,
+            "aborted": m.num_aborted,
+            "prompt_tokens": m.num_prompt_tokens,
+            "output_tokens": m.num_output_tokens,
+        }
+        return EngineSnapshot(self.allocator.total(), self.allocator.available(), stats.cached,
+                              stats.evictable, len(self.scheduler.waiting),
+                              len(self.scheduler.running), counters)
 
     def flush_cache(self) -> None:
         """Evict everything the cache holds that no running request pins."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from swakv.memory.pages import Need
 from swakv.sched.request import Request
 
 
@@ -39,14 +40,25 @@ class EngineMetrics:
 
 
 @dataclass(frozen=True)
-class PoolUsage:
-    """Tokens of one pool: used by requests, held by the cache (evictable or pinned), free."""
+class EngineSnapshot:
+    """Pool usage (tokens per pool), queue lengths and counters at one moment.
 
-    total: int
-    free: int
-    cached: int
-    cached_evictable: int
+    `cached` is what the prefix cache holds (evictable or pinned by a lock);
+    `used_by_requests` is what requests own beyond it (0 when nothing runs).
+    """
+
+    total: Need = Need()
+    free: Need = Need()
+    cached: Need = Need()
+    cached_evictable: Need = Need()
+    num_waiting: int = 0
+    num_running: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
 
     @property
-    def used(self) -> int:
+    def used(self) -> Need:
         return self.total - self.free
+
+    @property
+    def used_by_requests(self) -> Need:
+        return (self.used - self.cached).clamp_min(0)

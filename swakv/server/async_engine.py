@@ -20,10 +20,10 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from swakv.memory.pages import Need
+from swakv.engine.metrics import EngineSnapshot as Snapshot
 from swakv.sampling_params import SamplingParams
 
 log = logging.getLogger("swakv.server")
@@ -57,55 +57,6 @@ class Delta:
 
 class EngineUnavailable(RuntimeError):
     """The engine thread has stopped (shutdown) or died (a step raised)."""
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What /metrics exports, taken by the engine thread. Need values are in tokens."""
-
-    total: Need = Need()
-    free: Need = Need()
-    cached: Need = Need()  # held by the prefix cache (evictable or pinned by a lock)
-    cached_evictable: Need = Need()
-    num_waiting: int = 0
-    num_running: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def used(self) -> Need:
-        return self.total - self.free
-
-    @property
-    def used_by_requests(self) -> Need:
-        """Pages a request owns (not the tree's): zero when nothing runs, else a leak."""
-        return (self.used - self.cached).clamp_min(0)
-
-
-def cache_sizes(cache: Any) -> tuple[Need, Need]:
-    """(cached, evictable) token counts of the cache facade, both pools."""
-    stats = cache.stats()
-    return stats.cached, stats.evictable
-
-
-def take_snapshot(engine: Any) -> Snapshot:
-    cached, evictable = cache_sizes(engine.cache)
-    sched, m = engine.scheduler, engine.metrics
-    c = sched.counters
-    counters = {
-        "prefix_hit_tokens": c.prefix_hit_tokens,
-        "prefix_lookup_tokens": c.prefix_lookup_tokens,
-        "window_miss_tokens": c.window_miss_tokens,
-        "full_miss_tokens": c.full_miss_tokens,
-        "retractions": c.num_retractions,
-        "steps": m.num_steps,
-        "scheduled_tokens": m.num_scheduled_tokens,
-        "finished": m.num_finished,
-        "aborted": m.num_aborted,
-        "prompt_tokens": m.num_prompt_tokens,
-        "output_tokens": m.num_output_tokens,
-    }
-    return Snapshot(engine.allocator.total(), engine.allocator.available(), cached, evictable,
-                    len(sched.waiting), len(sched.running), counters)
 
 
 class Observer:
@@ -183,7 +134,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="swakv-engine", daemon=True)
         self.error: BaseException | None = None
         self.stopped = False
-        self.snapshot: Snapshot = take_snapshot(engine)
+        self.snapshot: Snapshot = engine.snapshot()
 
     # ---- event-loop side ----------------------------------------------------------
     def start(self) -> None:
@@ -226,11 +177,11 @@ class AsyncEngine:
             for cmd in cmds:
                 self._handle(cmd)
             if cmds:  # show new and aborted requests before a possibly long step
-                self.snapshot = take_snapshot(self.engine)
+                self.snapshot = self.engine.snapshot()
                 self._flush()
             if self.error is None and self.engine.has_unfinished():
                 self._step()
-            self.snapshot = take_snapshot(self.engine)
+            self.snapshot = self.engine.snapshot()
             self._flush()
 
     def _drain(self, block: bool) -> list:
@@ -284,9 +235,7 @@ class AsyncEngine:
             if sink is None:
                 continue
             n_new = len(out.new_token_ids)
-            logprobs = None
-            if req.params.logprobs is not None and req.output_logprobs:
-                logprobs = list(req.output_logprobs[-n_new:])
+            logprobs = list(out.logprobs) if out.logprobs is not None else None
             if req.num_output_tokens == n_new and req.first_token_time is not None:
                 self.observer.on_first_token(req.first_token_time - req.arrival_time)
             if not out.finished:
@@ -307,7 +256,7 @@ class AsyncEngine:
             self.engine.release(rid)
             self._emit(sink, Failed(sink.index, EngineUnavailable("server is shutting down")))
         self._live.clear()
-        self.snapshot = take_snapshot(self.engine)
+        self.snapshot = self.engine.snapshot()
         self._flush()
 
     def _emit(self, sink: _Sink, event: Any) -> None:
