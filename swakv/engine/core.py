@@ -18,6 +18,7 @@ from swakv.engine.output import OutputText
 from swakv.engine.runner import BatchItem, ModelRunner
 from swakv.memory.allocator.swa import SWAAllocator
 from swakv.memory.kv_pool import KVPool
+from swakv.memory.pages import page_ceil, page_floor
 from swakv.memory.req_table import ReqTable
 from swakv.model.sampler import Sampler
 from swakv.sampling_params import SamplingParams
@@ -58,17 +59,19 @@ class StepOutput:
 
 
 def effective_chunk_size(cfg: EngineConfig, window: int | None, swa_tokens: int) -> int:
-    """Largest chunk <= cfg.chunk_size whose prefill transient fits the SWA pool alone."""
+    """Largest chunk c <= cfg.chunk_size whose prefill need `swa_prefill(c)` fits the SWA pool.
+
+    swa_prefill(c) = page_ceil(W - 1 + c) + P + page_ceil(S) <= swa_tokens
+    <=> c <= page_floor(swa_tokens - P - page_ceil(S)) - (W - 1).
+    Example: W 8, P 4, S 4, 40 SWA tokens -> page_floor(32) - 7 = 25.
+    """
     if window is None:
         return cfg.chunk_size
     p = cfg.page_size
-    probe = CostModel(window, p, cfg.chunk_size, cfg.decode_reserve, cfg.frontier_stride)
-    fixed = probe.swa_prefill(1) - p  # chunk-independent part, with one page for the chunk
-    room = swa_tokens - fixed - (window - 1) % p
-    chunk = min(cfg.chunk_size, room - room % p if room >= p else room)
-    if chunk < 1:
+    room = page_floor(swa_tokens - p - page_ceil(cfg.frontier_stride, p), p) - (window - 1)
+    if room < 1:
         raise PoolTooSmall(f"SWA pool of {swa_tokens} tokens cannot hold one window of {window}")
-    return chunk
+    return min(cfg.chunk_size, room)
 
 
 class EngineCore:
