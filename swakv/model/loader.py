@@ -1,5 +1,7 @@
 """Model resolution, GGUF -> Hugging Face conversion and weight loading.
 
+(`spec_from_hf_config` lives in `swakv.model.spec` and is re-exported here.)
+
 Contracts:
 
 - `resolve_model(model)` returns a directory holding `config.json` (a Gemma 3 text
@@ -41,20 +43,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from swakv.config import AttentionSpec, AttnKind, ModelSpec
+from swakv.config import ModelSpec
+from swakv.model.spec import (
+    GEMMA3_GLOBAL_ROPE_THETA,
+    GEMMA3_LOCAL_ROPE_THETA,
+    GEMMA3_SLIDING_WINDOW_PATTERN,
+    _layer_types,
+    _opt_int,
+    spec_from_hf_config,
+)
 
 DEFAULT_MODEL_ALIASES = ("default", "gemma3-270m")
 DEFAULT_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 DEFAULT_MODEL_DIRNAME = "gemma3-270m-q4_k_m"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-
-# Gemma 3 defaults that GGUF metadata does not carry (llama.cpp hard-codes them too).
-GEMMA3_SLIDING_WINDOW_PATTERN = 6  # every 6th layer is full attention
-GEMMA3_LOCAL_ROPE_THETA = 10_000.0
-GEMMA3_GLOBAL_ROPE_THETA = 1_000_000.0
-GEMMA3_DEFAULT_QUERY_PRE_ATTN_SCALAR = 256
-GEMMA3_DEFAULT_MAX_POSITIONS = 131_072
 
 _LAYER_TENSOR_MAP = {
     "attn_q": "self_attn.q_proj",
@@ -343,13 +346,6 @@ def _f32_shortest(value: Any) -> float:
     return float(repr(np.float32(value)).removeprefix("np.float32(").removesuffix(")"))
 
 
-def _layer_types(n_layers: int, pattern: int) -> list[str]:
-    """HF layer_types for a period-`pattern` layout: layer i is full iff (i+1) % pattern == 0."""
-    return [
-        "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n_layers)
-    ]
-
-
 def _eos_ids_from_gguf(reader: Any) -> list[int]:
     """GGUF eos id plus `<end_of_turn>` (Gemma chat turns end with it) when present."""
     ids: list[int] = []
@@ -373,10 +369,6 @@ def _token_index(reader: Any, token: str) -> int | None:
         if bytes(field.parts[idx]) == target:
             return i
     return None
-
-
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
 
 
 # ------------------------------------------------------------------------- loading
@@ -481,132 +473,3 @@ def _check_weights(spec: ModelSpec, weights: Mapping[str, torch.Tensor], path: P
             raise ModelLoadError(
                 f"weights file(s) {files}: tensor {name} has shape {tuple(t.shape)}, expected {shape}"
             )
-
-
-# ---------------------------------------------------------------------------- spec
-
-
-def spec_from_hf_config(cfg: Mapping[str, Any]) -> ModelSpec:
-    """Derive a ModelSpec from a Gemma 3 HF config dict (text or multimodal wrapper).
-
-    Accepts both the transformers 5 form (`layer_types`, `rope_parameters` keyed by
-    layer type) and the older hub form (`sliding_window_pattern`, `rope_theta`,
-    `rope_local_base_freq`, `rope_scaling`). Sliding layers get
-    `window = sliding_window` (query i sees keys j with i - W < j <= i); full layers
-    get the global RoPE theta and the linear scaling factor, if any.
-
-    Example: 18 layers, sliding_window_pattern 6 -> layers 5, 11, 17 are full.
-    """
-    if "text_config" in cfg and cfg.get("model_type") == "gemma3":
-        cfg = cfg["text_config"]
-    if cfg.get("use_bidirectional_attention"):
-        raise ValueError("bidirectional Gemma 3 attention is not supported")
-    n_layers = int(cfg["num_hidden_layers"])
-    heads = int(cfg["num_attention_heads"])
-    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    rope = _rope_params(cfg)
-    layers = tuple(
-        _attention_spec(t, kv_heads, head_dim, rope[t], cfg.get("sliding_window"))
-        for t in _hf_layer_types(cfg, n_layers)
-    )
-    return ModelSpec(
-        arch=str(cfg.get("model_type", "gemma3_text")),
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=int(cfg["hidden_size"]),
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_heads=heads,
-        layers=layers,
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        query_pre_attn_scalar=float(
-            cfg.get("query_pre_attn_scalar", GEMMA3_DEFAULT_QUERY_PRE_ATTN_SCALAR)
-        ),
-        attn_logit_softcap=_opt_float(cfg.get("attn_logit_softcapping")),
-        final_logit_softcap=_opt_float(cfg.get("final_logit_softcapping")),
-        max_position_embeddings=int(
-            cfg.get("max_position_embeddings", GEMMA3_DEFAULT_MAX_POSITIONS)
-        ),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        bos_token_id=_opt_int(cfg.get("bos_token_id")),
-        eos_token_ids=_id_tuple(cfg.get("eos_token_id")),
-        pad_token_id=_opt_int(cfg.get("pad_token_id")),
-    )
-
-
-def _hf_layer_types(cfg: Mapping[str, Any], n_layers: int) -> list[str]:
-    types = cfg.get("layer_types")
-    if types is None:
-        types = _layer_types(
-            n_layers, int(cfg.get("sliding_window_pattern") or GEMMA3_SLIDING_WINDOW_PATTERN)
-        )
-    if len(types) != n_layers:
-        raise ValueError(f"layer_types has {len(types)} entries for {n_layers} layers")
-    bad = set(types) - {"full_attention", "sliding_attention"}
-    if bad:
-        raise ValueError(f"unsupported layer types {sorted(bad)}")
-    return list(types)
-
-
-def _rope_params(cfg: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
-    """(theta, linear scaling factor) per HF layer type.
-
-    transformers 5: `rope_parameters = {"full_attention": {...}, "sliding_attention": {...}}`
-    (or one flat dict for both); older configs: `rope_theta` (full),
-    `rope_local_base_freq` (sliding), `rope_scaling` (full only).
-    """
-    rp = cfg.get("rope_parameters")
-    if isinstance(rp, Mapping) and ("full_attention" in rp or "sliding_attention" in rp):
-        full = rp.get("full_attention") or {}
-        sliding = rp.get("sliding_attention") or {}
-    elif isinstance(rp, Mapping):
-        full = sliding = rp
-    else:
-        full = dict(cfg.get("rope_scaling") or {})
-        full.setdefault("rope_theta", cfg.get("rope_theta", GEMMA3_GLOBAL_ROPE_THETA))
-        sliding = {"rope_theta": cfg.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA)}
-    return {
-        "full_attention": (
-            float(full.get("rope_theta", GEMMA3_GLOBAL_ROPE_THETA)),
-            _linear_factor(full),
-        ),
-        "sliding_attention": (
-            float(sliding.get("rope_theta", GEMMA3_LOCAL_ROPE_THETA)),
-            _linear_factor(sliding),
-        ),
-    }
-
-
-def _linear_factor(params: Mapping[str, Any]) -> float:
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return 1.0
-    if kind == "linear":
-        return float(params["factor"])
-    raise ValueError(f"unsupported rope_type {kind!r}")
-
-
-def _attention_spec(
-    layer_type: str,
-    kv_heads: int,
-    head_dim: int,
-    rope: tuple[float, float],
-    sliding_window: int | None,
-) -> AttentionSpec:
-    theta, factor = rope
-    if layer_type == "full_attention":
-        return AttentionSpec(AttnKind.FULL, kv_heads, head_dim, theta, None, factor)
-    if sliding_window is None:
-        raise ValueError("sliding layers need a sliding_window")
-    return AttentionSpec(AttnKind.SLIDING, kv_heads, head_dim, theta, int(sliding_window), factor)
-
-
-def _opt_float(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-def _id_tuple(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, (list, tuple)):
-        return tuple(int(v) for v in value)
-    return (int(value),)
