@@ -1,0 +1,117 @@
+"""Batch -> forward: turns a list of extends and decodes into one model call.
+
+Contract with the engine (what must hold before `forward`):
+- item i covers positions [prefix_len, prefix_len + n) of request row `row`, with
+  n = len(input_ids) >= 1 (n == 1 is a decode);
+- `req_table.slots[row, 0 : prefix_len + n]` holds full slots for all those
+  positions (the engine allocated [prefix_len, prefix_len + n) and wrote the row);
+- KV for positions [0, prefix_len) is already in the pools: full KV for all of them,
+  SWA KV (mapped pages) at least for (prefix_len - W, prefix_len) - sliding layers
+  read nothing older;
+- the new positions' pages are SWA-mapped (alloc_extend / alloc_decode do that).
+`forward` writes every layer's K/V for the new positions and returns logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from swakv.memory.kv_pool import KVPool
+from swakv.memory.req_table import ReqTable
+from swakv.model.attention import EXTEND_BLOCK, AttentionMetadata, build_attention_metadata
+from swakv.model.gemma3 import Gemma3Model
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """New tokens `input_ids` at positions [prefix_len, prefix_len + n) of `row`."""
+
+    row: int
+    prefix_len: int
+    input_ids: list[int] | torch.Tensor
+
+    @property
+    def num_new(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    """`last_logits`: fp32 [num_items, vocab], logits of each item's last new token.
+
+    `all_logits[i]`: fp32 [n_i, vocab] for every new token of item i (only when
+    requested; `last_logits[i]` equals `all_logits[i][-1]`).
+    """
+
+    last_logits: torch.Tensor
+    all_logits: list[torch.Tensor] | None
+
+
+class ModelRunner:
+    """Runs a model over the pools; a plain object with no threads or state per step.
+
+    `validate=True` checks on every forward that sliding layers read only mapped
+    SWA pages (costs a few vectorised ops; meant for tests and debugging).
+    """
+
+    def __init__(
+        self,
+        model: Gemma3Model,
+        kv_pool: KVPool,
+        req_table: ReqTable,
+        validate: bool = False,
+        extend_block: int = EXTEND_BLOCK,
+    ) -> None:
+        if tuple(kv_pool.layout.layers) != tuple(model.spec.layers):
+            raise ValueError("KV pool layout does not match the model's layers")
+        self.model = model
+        self.kv_pool = kv_pool
+        self.req_table = req_table
+        self.validate = validate
+        self.extend_block = extend_block
+        self.window = model.spec.window
+
+    def build_metadata(self, items: Sequence[BatchItem]) -> AttentionMetadata:
+        """Positions, write slots and attention gathers for `items` (once per forward)."""
+        for it in items:
+            end = it.prefix_len + it.num_new
+            if end > self.req_table.max_context:
+                raise ValueError(f"row {it.row}: position {end - 1} beyond max_context")
+        return build_attention_metadata(
+            [(it.row, it.prefix_len, it.num_new) for it in items],
+            self.req_table.slots,
+            self.kv_pool.allocator,
+            self.window,
+            block=self.extend_block,
+            validate=self.validate,
+        )
+
+    def forward(self, items: Sequence[BatchItem], return_all_logits: bool = False) -> ForwardOutput:
+        """One model step over `items` (in order); see the module docstring for the contract."""
+        with torch.inference_mode():
+            meta = self.build_metadata(items)
+            input_ids = _flat_ids(items)
+            hidden = self.model.forward(input_ids, meta, self.kv_pool)
+            lens = [it.num_new for it in items]
+            if return_all_logits:
+                logits = self.model.compute_logits(hidden)
+                parts = list(logits.split(lens))
+                last = torch.stack([p[-1] for p in parts])
+                return ForwardOutput(last, parts)
+            if len(lens) == hidden.shape[0]:
+                return ForwardOutput(self.model.compute_logits(hidden), None)
+            ends = torch.tensor(lens).cumsum(0) - 1
+            return ForwardOutput(self.model.compute_logits(hidden[ends]), None)
+
+
+def _flat_ids(items: Sequence[BatchItem]) -> torch.Tensor:
+    """All items' new token ids concatenated, int64 [T]."""
+    if all(isinstance(it.input_ids, list) for it in items):
+        flat: list[int] = []
+        for it in items:
+            flat.extend(it.input_ids)  # type: ignore[arg-type]
+        return torch.tensor(flat, dtype=torch.int64)
+    return torch.cat([torch.as_tensor(it.input_ids, dtype=torch.int64).reshape(-1) for it in items])
