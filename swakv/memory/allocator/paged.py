@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from swakv.memory.allocator.base import INDEX_DTYPE, BaseAllocator, PageFreeList
+from swakv.memory.allocator.base import BaseAllocator, PageFreeList, as_numpy
 
 
 class PagedAllocator(BaseAllocator):
@@ -27,24 +28,20 @@ class PagedAllocator(BaseAllocator):
         p = self.page_size
         n = seq_len - prefix_len
         head = min((-prefix_len) % p, n)  # slots left in the partially filled last page
-        parts = []
-        if head:
-            if last_slot is None:
-                raise ValueError("last_slot is required when prefix_len is not page aligned")
-            parts.append(torch.arange(last_slot + 1, last_slot + 1 + head, dtype=INDEX_DTYPE))
+        if head and last_slot is None:
+            raise ValueError("last_slot is required when prefix_len is not page aligned")
         new_pages = self.pages.take(self.new_pages_for_extend(prefix_len, seq_len))
-        if new_pages.numel():
-            offsets = torch.arange(p, dtype=INDEX_DTYPE)
-            body = (new_pages[:, None] * p + offsets[None, :]).reshape(-1)
-            parts.append(body[: n - head])
-        slots = torch.cat(parts) if len(parts) > 1 else (parts[0] if parts else new_pages)
-        return slots, new_pages
+        body = (new_pages.numpy()[:, None] * p + np.arange(p)).reshape(-1)[: n - head]
+        if head:
+            first = np.arange(int(last_slot) + 1, int(last_slot) + 1 + head, dtype=np.int64)
+            body = np.concatenate((first, body))
+        return torch.from_numpy(body), new_pages
 
     def decode_slots(
         self, cur_lens: torch.Tensor, last_slots: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        starts_page = cur_lens % self.page_size == 0
+        starts_page = as_numpy(cur_lens) % self.page_size == 0
         new_pages = self.pages.take(int(starts_page.sum()))
-        slots = last_slots + 1
-        slots[starts_page] = new_pages * self.page_size
-        return slots, new_pages
+        slots = as_numpy(last_slots) + 1
+        slots[starts_page] = new_pages.numpy() * self.page_size
+        return torch.from_numpy(slots), new_pages

@@ -15,14 +15,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from swakv.memory.allocator.base import (
-    INDEX_DTYPE,
     BaseAllocator,
     InvalidFree,
     OutOfKVMemory,
     PageFreeList,
+    as_numpy,
 )
 from swakv.memory.allocator.paged import PagedAllocator
 from swakv.memory.allocator.token import TokenAllocator
@@ -46,9 +47,14 @@ class SWAAllocator:
         self.page_size = page_size
         self.full = make_single_pool(num_full_pages, page_size)
         self.swa = PageFreeList(num_swa_pages)
-        self.full_to_swa_page = torch.zeros(num_full_pages + 1, dtype=INDEX_DTYPE)
+        self._map = np.zeros(num_full_pages + 1, dtype=np.int64)  # full page -> SWA page
         self._pending_free: list[torch.Tensor] | None = None
         self._pending_free_swa: list[torch.Tensor] | None = None
+
+    @property
+    def full_to_swa_page(self) -> torch.Tensor:
+        """Int64 [num_full_pages + 1]: SWA page of each full page (0: none); a live view."""
+        return torch.from_numpy(self._map)
 
     # ---- sizes (tokens) -------------------------------------------------------------
     @property
@@ -78,8 +84,8 @@ class SWAAllocator:
             p = self.page_size
             raise OutOfKVMemory(Need(full_pages * p, swa_pages * p), self.available())
 
-    def _map_new(self, full_pages: torch.Tensor) -> None:
-        self.full_to_swa_page[full_pages] = self.swa.take(int(full_pages.numel()))
+    def _map_new(self, full_pages: np.ndarray) -> None:
+        self._map[full_pages] = self.swa.take(int(full_pages.size)).numpy()
 
     def alloc(self, num_tokens: int) -> torch.Tensor:
         """Full slots for `num_tokens` tokens on fresh pages, all mapped to SWA."""
@@ -98,11 +104,12 @@ class SWAAllocator:
         remap = None
         if prefix_len % self.page_size and seq_len > prefix_len:
             page = int(last_slot) // self.page_size  # type: ignore[arg-type]
-            if int(self.full_to_swa_page[page]) == 0:
-                remap = torch.tensor([page], dtype=INDEX_DTYPE)
+            if int(self._map[page]) == 0:
+                remap = np.array([page], dtype=np.int64)
         self._check(n_new, n_new + (remap is not None))
         slots, new_pages = self.full.extend_slots(prefix_len, seq_len, last_slot)
-        self._map_new(new_pages if remap is None else torch.cat((remap, new_pages)))
+        new_pages = new_pages.numpy()
+        self._map_new(new_pages if remap is None else np.concatenate((remap, new_pages)))
         return slots
 
     def alloc_decode(self, cur_lens: torch.Tensor, last_slots: torch.Tensor) -> torch.Tensor:
@@ -111,12 +118,11 @@ class SWAAllocator:
         `last_slots[i]` is the full slot of position `cur_lens[i] - 1` (read only when
         cur_lens[i] is not page aligned). All or nothing across the batch.
         """
-        n_new = int((cur_lens % self.page_size == 0).sum()) if self.page_size > 1 else int(
-            cur_lens.numel()
-        )
+        lens = as_numpy(cur_lens)
+        n_new = int((lens % self.page_size == 0).sum()) if self.page_size > 1 else lens.size
         self._check(n_new, n_new)
         slots, new_pages = self.full.decode_slots(cur_lens, last_slots)
-        self._map_new(new_pages)
+        self._map_new(new_pages.numpy())
         return slots
 
     def alloc_extend_swa_tail(self, seq_len: int, tail_len: int) -> torch.Tensor:
@@ -133,7 +139,7 @@ class SWAAllocator:
         n_swa = n_full - tail_start // p
         self._check(n_full, n_swa)
         slots, new_pages = self.full.extend_slots(0, seq_len, None)
-        self._map_new(new_pages[n_full - n_swa :])
+        self._map_new(new_pages.numpy()[n_full - n_swa :])
         return slots
 
     # ---- freeing --------------------------------------------------------------------
@@ -154,26 +160,25 @@ class SWAAllocator:
             return
         self._free_swa_pages(self.full.pages_of(full_slots))
 
-    def _free_pages(self, pages: torch.Tensor) -> None:
-        if pages.numel() == 0:
+    def _free_pages(self, pages: np.ndarray) -> None:
+        if pages.size == 0:
             return
         self.full.pages.validate_give(pages)
-        swa_pages = self.full_to_swa_page[pages]
+        swa_pages = self._map[pages]
         swa_pages = swa_pages[swa_pages > 0]
         self.swa.validate_give(swa_pages)
-        self.full_to_swa_page[pages] = 0
+        self._map[pages] = 0
         self.full.pages._give_validated(pages)  # both validated above: nothing changed yet
         self.swa._give_validated(swa_pages)
 
-    def _free_swa_pages(self, pages: torch.Tensor) -> None:
-        if pages.numel() == 0:
+    def _free_swa_pages(self, pages: np.ndarray) -> None:
+        if pages.size == 0:
             return
-        if bool(self.full.pages.is_free_mask()[pages].any()):
-            raise InvalidFree("free_swa on a full page that is not allocated")
-        swa_pages = self.full_to_swa_page[pages]
+        self.full.pages.validate_give(pages)  # the full pages must be allocated
+        swa_pages = self._map[pages]
         mapped = swa_pages > 0
         self.swa.give(swa_pages[mapped])
-        self.full_to_swa_page[pages[mapped]] = 0
+        self._map[pages[mapped]] = 0
 
     @contextmanager
     def batch_free(self) -> Iterator[None]:
@@ -191,9 +196,9 @@ class SWAAllocator:
             frees, swa_frees = self._pending_free, self._pending_free_swa
             self._pending_free = self._pending_free_swa = None
             if swa_frees:
-                self._free_swa_pages(self.full.pages_of(torch.cat(swa_frees)))
+                self._free_swa_pages(self.full.pages_of(_concat(swa_frees)))
             if frees:
-                self._free_pages(self.full.pages_of(torch.cat(frees)))
+                self._free_pages(self.full.pages_of(_concat(frees)))
 
     def move_swa(self, dst_full_slots: torch.Tensor, src_full_slots: torch.Tensor) -> None:
         """Hand the SWA pages of `src`'s full pages over to `dst`'s full pages.
@@ -209,15 +214,15 @@ class SWAAllocator:
         n = int(dst_full_slots.numel())
         if n != int(src_full_slots.numel()) or n % p:
             raise ValueError(f"move_swa: {n} and {src_full_slots.numel()} slots are not equal pages")
-        dst_pages = dst_full_slots[::p] // p
-        src_pages = src_full_slots[::p] // p
-        swa_pages = self.full_to_swa_page[src_pages]
-        if bool(self.full.pages.is_free_mask()[dst_pages].any()):
+        dst_pages = as_numpy(dst_full_slots)[::p] // p
+        src_pages = as_numpy(src_full_slots)[::p] // p
+        swa_pages = self._map[src_pages]
+        if self.full.pages._is_free[dst_pages].any():
             raise InvalidFree("move_swa to a full page that is not allocated")
-        if bool((self.full_to_swa_page[dst_pages] != 0).any()) or bool((swa_pages == 0).any()):
+        if (self._map[dst_pages] != 0).any() or (swa_pages == 0).any():
             raise ValueError("move_swa: destination already mapped or source unmapped")
-        self.full_to_swa_page[src_pages] = 0
-        self.full_to_swa_page[dst_pages] = swa_pages
+        self._map[src_pages] = 0
+        self._map[dst_pages] = swa_pages
 
     # ---- translation and inspection -------------------------------------------------
     def translate(self, full_slots: torch.Tensor) -> torch.Tensor:
@@ -235,10 +240,14 @@ class SWAAllocator:
         self.full.pages.check_integrity()
         self.swa.check_integrity()
         full_free = self.full.pages.is_free_mask()
-        mapping = self.full_to_swa_page
+        mapping = self.full_to_swa_page  # torch view of self._map
         assert int(mapping[0]) == 0, "padding page 0 is mapped"
         assert not bool((mapping[full_free] != 0).any()), "a free full page maps to SWA"
         mapped = mapping[mapping > 0]
         assert mapped.numel() == int(torch.unique(mapped).numel()), "two full pages share an SWA page"
         assert not bool(self.swa.is_free_mask()[mapped].any()), "a mapped SWA page is free"
         assert self.swa.num_free + mapped.numel() == self.swa.num_pages, "SWA pages leaked"
+
+
+def _concat(slot_lists: list[torch.Tensor]) -> np.ndarray:
+    return np.concatenate([as_numpy(x) for x in slot_lists])

@@ -25,6 +25,3 @@ class TokenAllocator(BaseAllocator):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         pages = self.pages.take(int(cur_lens.numel()))
         return pages, pages
-
-    def pages_of(self, slots: torch.Tensor) -> torch.Tensor:
-        return torch.unique_consecutive(slots)
