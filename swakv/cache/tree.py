@@ -69,7 +69,7 @@ from swakv.cache.node import (
 )
 from swakv.memory.allocator.base import INDEX_DTYPE
 from swakv.memory.allocator.swa import SWAAllocator
-from swakv.memory.pages import Need, page_ceil, page_floor
+from swakv.memory.pages import Need, page_ceil, page_floor, swa_tail_start
 
 TokenIds = Sequence[int] | torch.Tensor
 
@@ -236,6 +236,19 @@ class RadixTree:
         self._push(upper)
         return upper
 
+    def _split_at(self, node: TreeNode, pos: int) -> None:
+        """Split the node on `node`'s root path that strictly contains page boundary `pos`.
+
+        Lock uses it at the SWA tail start `page_floor(P - W)`, so the SWA count covers
+        exactly the tail pages (page_ceil(W) tokens for a page-aligned P, the same
+        tail PD transfers use) and older SWA on the path stays evictable.
+        """
+        n = node
+        while n.parent is not None and n.start > pos:
+            n = n.parent
+        if n.parent is not None and n.start < pos < n.end:
+            self._split(n, pos - n.start)
+
     def _revive(self, node: TreeNode, own: torch.Tensor) -> None:
         """Tombstone `node` adopts the SWA pages of the request's pages `own`."""
         assert node.value is not None
@@ -330,6 +343,7 @@ class RadixTree:
             n = n.parent
         if plen < node.end:
             node = self._split(node, plen - node.start)
+        self._split_at(node, swa_tail_start(plen, self.window, self.page))
         handle = LockHandle(plen, node, owner=self)
         n = node
         while n.parent is not None:

@@ -149,13 +149,25 @@ class EngineCore:
             i.req.kv.kv_len = i.prefix_len + i.num_tokens
         sampling = [(k, i) for k, i in enumerate(items) if i.completes]
         if self.cfg.enable_prefix_cache:
-            for i in items:
-                if not i.completes:  # a prefill chunk: the tree takes its committed pages
-                    self.cache.cache_unfinished(i.req.kv)
+            self._commit_to_cache(items)
         results = self._sample(out.last_logits, sampling)
         self.metrics.on_step(len(items), sum(i.num_tokens for i in items),
                              time.perf_counter() - t0)
         return results
+
+    def _commit_to_cache(self, items: list[ScheduledItem]) -> None:
+        """Hand each request's newly committed whole pages to the tree and re-lock there.
+
+        After every prefill chunk, and whenever a decoding request has filled another
+        page: the tree then pins only the window before the new end, and the SWA of
+        older windows becomes evictable. This keeps a request's pinned SWA at about
+        one window plus one page (the request-owned partial page).
+        """
+        page = self.cfg.page_size
+        for i in items:
+            kv = i.req.kv
+            if not i.completes or page_floor(kv.kv_len, page) > kv.protected_len:
+                self.cache.cache_unfinished(kv)
 
     def _sample(self, logits: torch.Tensor, sampling: list[tuple[int, ScheduledItem]]
                 ) -> list[StepOutput]:

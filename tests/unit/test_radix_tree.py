@@ -321,3 +321,38 @@ def test_foreign_handle_and_stale_end() -> None:
         tree.lock(m.end)
     assert tree.full_protected == tree.swa_protected == 0
     tree.check_integrity()
+
+
+@pytest.mark.parametrize("p,w", CONFIGS)
+def test_lock_pins_only_the_swa_tail_as_the_end_moves(p: int, w: int) -> None:
+    """A decoding request re-locks one page further each time: the SWA lock covers
+    the window's pages within the tail [page_floor(P - W), P), never the older part
+    of a big node (which stays evictable)."""
+    tree = make(p, w, full_pages=400, swa_pages=400)
+    cap = page_ceil(w, p)
+    toks = BASE[: cap + 2 * p]
+    slots, res = add(tree, toks)
+    handle = tree.lock(res.end)
+    for extra in range(1, 4):
+        longer = BASE[: len(toks) + extra * p]
+        more = tree.allocator.alloc_extend(len(longer) - p, len(longer), None)
+        res = tree.insert(longer, torch.cat((res.full_slots, more)), len(longer) - p, 0)
+        new_handle = tree.lock(res.end)
+        tree.unlock(handle)
+        handle = new_handle
+        plen = len(longer)
+        # at least the pages of the W - 1 positions the next query reads, at most the
+        # page-aligned tail [page_floor(P - W), P); W = 1 needs no earlier key
+        needed = plen - (plen - (w - 1)) // p * p
+        tail = plen - (max(0, plen - w) // p * p)
+        if w == 1:
+            assert tree.swa_protected == 0
+        else:
+            assert needed <= tree.swa_protected <= tail
+        assert tree.full_protected == plen
+        tree.check_integrity()
+    tree.unlock(handle)
+    assert tree.swa_protected == 0 and tree.full_protected == 0
+    tree.evict(tree.allocator.total())
+    tree.check_integrity()
+    assert tree.allocator.available() == tree.allocator.total()
