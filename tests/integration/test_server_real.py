@@ -1,18 +1,23 @@
-"""Fresh-clone check on the real default model (slow): the README's serve command
-(`make serve` runs `.venv/bin/swakv serve`) and its curl and openai examples."""
+"""Fresh-clone check on the real default model (slow): the README's `make serve`
+(run through make itself, default settings but a free port) and its curl and openai
+examples."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from swakv.server.testing import ServerProcess
+from swakv.server.testing import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -27,13 +32,50 @@ def readme_block(lang: str, needle: str) -> str:
     raise AssertionError(f"README has no {lang} block with {needle!r}")
 
 
+class MakeServe:
+    """`make serve ARGS="--port N"` from the repo root, exactly as the README says, in
+    its own process group (make and the server it starts are killed together)."""
+
+    def __init__(self, timeout: float = 240.0) -> None:
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="make-serve-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            ["make", "-C", str(ROOT), "serve", f"ARGS=--port {self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"make serve exited {self.proc.returncode}: {self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.kill()
+        raise TimeoutError(f"make serve not healthy after {timeout}s: {self.output()}")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-5000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
 @pytest.fixture(scope="module")
 def server():
-    assert "$(BIN)/swakv serve" in (ROOT / "Makefile").read_text()
-    exe = Path(sys.executable).parent / "swakv"  # .venv/bin/swakv, what `make serve` runs
-    command = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "swakv.cli",
-                                                        "serve"]
-    proc = ServerProcess.start([], timeout=170, command=command)  # README: defaults
+    assert "make serve" in README and "$(BIN)/swakv serve $(ARGS)" in (ROOT / "Makefile").read_text()
+    proc = MakeServe()
     try:
         yield proc
     finally:
