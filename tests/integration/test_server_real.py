@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -82,7 +81,6 @@ def server():
         proc.kill()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_readme_curl_example(server):
     curl = readme_block("sh", "curl").replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
     out = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120,
