@@ -7,12 +7,12 @@ treat full and sliding layers differently reads the spec, never the layer index.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
 
-class AttnKind(str, Enum):
+class AttnKind(StrEnum):
     FULL = "full"
     SLIDING = "sliding"
 

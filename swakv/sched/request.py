@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -21,14 +21,14 @@ from swakv.sampling_params import SamplingParams
 _ids = itertools.count()
 
 
-class Lifecycle(str, Enum):
+class Lifecycle(StrEnum):
     WAITING = "waiting"
     RUNNING = "running"
     RETRACTED = "retracted"  # waiting again after its KV was freed; outputs kept
     FINISHED = "finished"
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -37,7 +37,6 @@ class ServerProcess:
     def start(cls, args: Sequence[str], timeout: float = 120.0, env: dict | None = None,
               command: Sequence[str] | None = None) -> ServerProcess:
         """Run `python -m swakv.cli serve ARGS --host 127.0.0.1 --port FREE`; wait for /health."""
-        import httpx
 
         port = free_port()
         log = Path(tempfile.mkstemp(prefix="swakv-server-", suffix=".log")[1])
@@ -47,18 +46,12 @@ class ServerProcess:
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
         server = cls(proc, port, log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
-            try:
-                if httpx.get(server.url + "/health", timeout=1.0).status_code == 200:
-                    return server
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        server.kill()
-        raise TimeoutError(f"server not healthy after {timeout}s:\n{server.log()}")
+        try:
+            wait_healthy(server.url, proc, timeout, server.log)
+        except TimeoutError:
+            server.kill()
+            raise
+        return server
 
     def log(self) -> str:
         try:
@@ -86,6 +79,24 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Callable[[], str]) -> None:
+    """Poll `url`/health until it answers 200; RuntimeError if `proc` exits first,
+    TimeoutError after `timeout` seconds (both carry the tail of `log()`)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log()}")
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"server not healthy after {timeout}s:\n{log()}")
 
 
 def scrape(url: str, headers: dict | None = None) -> dict[str, float]:

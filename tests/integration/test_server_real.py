@@ -11,12 +11,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from swakv.server.testing import free_port
+from swakv.server.testing import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +35,6 @@ class MakeServe:
     its own process group (make and the server it starts are killed together)."""
 
     def __init__(self, timeout: float = 240.0) -> None:
-        import httpx
-
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="make-serve-", suffix=".log", delete=False)
@@ -45,18 +42,11 @@ class MakeServe:
             ["make", "-C", str(ROOT), "serve", f"ARGS=--port {self.port}"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"make serve exited {self.proc.returncode}: {self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        raise TimeoutError(f"make serve not healthy after {timeout}s: {self.output()}")
+        try:
+            wait_healthy(self.url, self.proc, timeout, self.output)
+        except TimeoutError:
+            self.kill()
+            raise
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")[-5000:]

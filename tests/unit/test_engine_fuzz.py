@@ -72,7 +72,7 @@ def test_random_workloads_finish(tiny_dir, page, chunk, full_pages_extra, swa_pa
         eng.check_integrity()
         steps += 1
         assert steps < 2000, "no progress: deadlock or livelock"
-    for r, abort_at in live:
+    for r, _ in live:
         assert r.is_finished
         if r.finish_reason.value != "abort":
             assert r.num_output_tokens == r.params.max_tokens
