@@ -230,6 +230,7 @@ class EngineCore:
     # ---- inspection -----------------------------------------------------------------
     def check_integrity(self) -> None:
         self.allocator.check_integrity()
+        self.kv_pool.check_integrity()
         self.req_table.check_integrity()
         self.cache.check_integrity(self.scheduler.live_kvs())
 

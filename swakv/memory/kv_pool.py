@@ -82,6 +82,16 @@ class KVPool:
         kb[slots] = k.to(kb.dtype)
         vb[slots] = v.to(vb.dtype)
 
+    def check_integrity(self) -> None:
+        """Every layer has K and V of its kind's shape, sized to its pool's slots."""
+        slots = {False: self.allocator.num_full_slots, True: self.allocator.num_swa_slots}
+        for layer_id, a in enumerate(self.layout.layers):
+            assert self.layer_is_swa[layer_id] == a.is_sliding, f"layer {layer_id} routed wrong"
+            for t in self.buffers(layer_id):
+                assert t.shape == (slots[a.is_sliding], a.num_kv_heads, a.head_dim), (
+                    f"layer {layer_id}: KV shape {tuple(t.shape)}")
+                assert t.dtype == self.layout.dtype, f"layer {layer_id}: dtype {t.dtype}"
+
     def nbytes(self) -> tuple[int, int]:
         """(full pool bytes, SWA pool bytes) of the KV tensors."""
         full = sum(t.numel() * t.element_size() for t in self.full_k + self.full_v)

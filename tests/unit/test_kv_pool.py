@@ -174,3 +174,11 @@ def test_load_drops_swa_the_allocation_does_not_map() -> None:
     s = a.translate(dst)[start:]
     assert torch.equal(pool.swa_k[1][s], written[1][0][start:])
     assert torch.equal(pool.full_v[0][dst], written[2][1])
+
+
+def test_check_integrity_catches_a_resized_layer() -> None:
+    pool, _ = make_pool(4, 6, torch.float32)
+    pool.check_integrity()
+    pool.swa_k[0] = pool.swa_k[0][:-1]
+    with pytest.raises(AssertionError):
+        pool.check_integrity()
