@@ -44,7 +44,8 @@ class EngineSnapshot:
     """Pool usage (tokens per pool), queue lengths and counters at one moment.
 
     `cached` is what the prefix cache holds (evictable or pinned by a lock);
-    `used_by_requests` is what requests own beyond it (0 when nothing runs).
+    `used_by_requests` is what live requests pin: their own pages plus the tree pages
+    their locks protect, i.e. used minus what eviction could free (0 when idle).
     """
 
     total: Need = Need()
@@ -61,4 +62,4 @@ class EngineSnapshot:
 
     @property
     def used_by_requests(self) -> Need:
-        return (self.used - self.cached).clamp_min(0)
+        return (self.used - self.cached_evictable).clamp_min(0)

@@ -2,7 +2,8 @@
 
 Exported (all token counts are per pool, `pool` = "full" | "swa"):
   swakv_kv_pool_tokens{pool, state}     gauge: state = total | free | used | cached |
-                                        cached_evictable | requests (used - cached)
+                                        cached_evictable | requests (pinned by live requests:
+                                        used - cached_evictable)
   swakv_prefix_hit_tokens_total         prompt tokens served from the prefix cache
   swakv_prefix_window_miss_tokens_total full KV cached but the SWA window was missing
   swakv_prefix_full_miss_tokens_total   no full KV cached
