@@ -20,7 +20,7 @@ from swakv.memory.allocator.swa import SWAAllocator
 from swakv.memory.kv_pool import KVPool
 from swakv.memory.pages import page_ceil, page_floor
 from swakv.memory.req_table import ReqTable
-from swakv.model.sampler import Sampler
+from swakv.model.sampler import Sampler, make_generator
 from swakv.sampling_params import SamplingParams
 from swakv.sched.cost import CostModel
 from swakv.sched.request import FinishReason, Lifecycle, Request
@@ -113,7 +113,8 @@ class EngineCore:
         bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
         if bad:
             raise ValueError(f"token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
-        req = Request(list(prompt_ids), params, self.max_context, arrival_time=time.monotonic())
+        req = Request(list(prompt_ids), params, self.max_context, arrival_time=time.monotonic(),
+                      generator=make_generator(params))
         if request_id is not None:
             req.request_id = request_id
         if req.request_id in self.requests:
@@ -151,8 +152,7 @@ class EngineCore:
         if self.cfg.enable_prefix_cache:
             self._commit_to_cache(items)
         results = self._sample(out.last_logits, sampling)
-        self.metrics.on_step(len(items), sum(i.num_tokens for i in items),
-                             time.perf_counter() - t0)
+        self.metrics.on_step(sum(i.num_tokens for i in items), time.perf_counter() - t0)
         return results
 
     def _commit_to_cache(self, items: list[ScheduledItem]) -> None:

@@ -23,7 +23,7 @@ class EngineMetrics:
     latencies: deque = field(default_factory=lambda: deque(maxlen=1024))
     ttfts: deque = field(default_factory=lambda: deque(maxlen=1024))
 
-    def on_step(self, num_items: int, num_tokens: int, seconds: float) -> None:
+    def on_step(self, num_tokens: int, seconds: float) -> None:
         self.num_steps += 1
         self.num_scheduled_tokens += num_tokens
         self.step_times.append(seconds)

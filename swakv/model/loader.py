@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from swakv.config import ModelSpec
+from swakv.model.jsonfile import read_json_object
 from swakv.model.spec import (
     GEMMA3_GLOBAL_ROPE_THETA,
     GEMMA3_LOCAL_ROPE_THETA,
@@ -397,13 +398,7 @@ def load_model_dir(path: str | os.PathLike[str]) -> LoadedModel:
 
 def read_config(config_path: Path) -> dict[str, Any]:
     """Parse a config.json; ModelLoadError if missing or not a JSON object."""
-    try:
-        cfg = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read model config {config_path}: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"model config {config_path} is not a JSON object")
-    return cfg
+    return read_json_object(config_path, ModelLoadError, "model config")
 
 
 def _read_safetensors(f: Path) -> dict[str, torch.Tensor]:

@@ -21,6 +21,8 @@ from typing import Any
 
 import tokenizers
 
+from swakv.model.jsonfile import read_json_object
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -247,13 +249,7 @@ class IncrementalDecoder:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerLoadError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise TokenizerLoadError(f"{path} is not a JSON object")
-    return data
+    return read_json_object(path, TokenizerLoadError)
 
 
 def _token_content(value: Any) -> str | None:

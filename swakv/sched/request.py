@@ -45,7 +45,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_text: str | None = None  # the stop string or token text that ended it
     kv: ReqKV | None = None  # set while the request holds a row
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # set by the engine for seeded requests
     cached_prompt_tokens: int = 0  # prefix-cache hit at first admission
     num_retractions: int = 0
     arrival_time: float = 0.0
@@ -55,8 +55,6 @@ class Request:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     # ---- cursors --------------------------------------------------------------------
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_allocator_state_machine import snapshot
 
 from swakv.memory.allocator import (
     InvalidFree,
@@ -35,15 +36,6 @@ def pslots(pages, P: int, n: int | None = None, start: int = 0) -> list[int]:
     return out if n is None else out[:n]
 
 
-def snapshot(a: SWAAllocator) -> tuple:
-    return (
-        a.full.pages.free_pages().tolist(),
-        a.full.pages.is_free_mask().tolist(),
-        a.swa.free_pages().tolist(),
-        a.swa.is_free_mask().tolist(),
-        a.full_to_swa_page.tolist(),
-        a.available(),
-    )
 
 
 def mapping(a: SWAAllocator) -> dict[int, int]:

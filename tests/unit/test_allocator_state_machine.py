@@ -46,12 +46,14 @@ class Req:
 
 
 def snapshot(a: SWAAllocator) -> tuple:
+    """Everything an allocation may change: free lists, free masks, mapping, sizes."""
     return (
         a.full.pages.free_pages().tolist(),
         a.full.pages.is_free_mask().tolist(),
         a.swa.free_pages().tolist(),
         a.swa.is_free_mask().tolist(),
         a.full_to_swa_page.tolist(),
+        a.available(),
     )
 
 
@@ -91,6 +93,14 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert fits, "allocator accepted an allocation that does not fit"
         return out
 
+    def add_request(self, req: Req, out: torch.Tensor) -> None:
+        """Register a newly allocated request after checking its fresh slots."""
+        slots = out.tolist()
+        self.check_new_slots(req, 0, slots)
+        req.slots = slots
+        self.reqs[self.next_id] = req
+        self.next_id += 1
+
     def check_new_slots(self, req: Req, start: int, slots: list[int]) -> None:
         """Slots for positions [start, start + len(slots)): page-structured, continuing."""
         P = self.P
@@ -115,12 +125,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         out = self.expect_oom(lambda: self.a.alloc_extend(0, n, None), k, k)
         if out is None:
             return
-        req = Req()
-        slots = out.tolist()
-        self.check_new_slots(req, 0, slots)
-        req.slots = slots
-        self.reqs[self.next_id] = req
-        self.next_id += 1
+        self.add_request(Req(), out)
 
     @precondition(lambda self: self.reqs)
     @rule(data=st.data())
@@ -199,12 +204,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         )
         if out is None:
             return
-        req = Req(frontier=start)
-        slots = out.tolist()
-        self.check_new_slots(req, 0, slots)
-        req.slots = slots
-        self.reqs[self.next_id] = req
-        self.next_id += 1
+        self.add_request(Req(frontier=start), out)
 
     @precondition(lambda self: self.reqs)
     @rule(data=st.data())
