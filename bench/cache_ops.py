@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from swakv.cache import PrefixCache, ReqKV
+from swakv.cache import PrefixCache
 from swakv.memory import Need, ReqTable, SWAAllocator
 from swakv.memory.pages import page_ceil
 
@@ -71,12 +71,12 @@ def run(num_conv: int, seed: int, full_tokens: int, swa_tokens: int) -> dict:
     trace = make_trace(num_conv, seed)
     times: dict[str, list[float]] = {"match": [], "admit": [], "insert": [], "evict": []}
     big: list[float] = []
+    hit_tokens = window_miss_tokens = prompt_tokens = 0
     clock = time.perf_counter
     for prompt, reply in trace:
         t0 = clock()
         m = cache.match(prompt)
         t1 = clock()
-        req = ReqKV(table.alloc_row(), list(prompt))
         total = len(prompt) + len(reply)
         while True:
             want = page_ceil(total - m.prefix_len, PAGE)
@@ -88,19 +88,20 @@ def run(num_conv: int, seed: int, full_tokens: int, swa_tokens: int) -> dict:
             times["evict"].append(clock() - t2)
             m = cache.match(prompt)  # eviction may have taken part of the hit (not timed)
         t3 = clock()
-        cache.admit(req, m)
+        req = cache.admit(list(prompt), m)
         times["admit"].append(clock() - t3)
         times["match"].append(t1 - t0)
-        slots = alloc.alloc_extend(req.alloc_len, total, None)  # prefill + decode, page aligned start
-        table.write(req.row, req.alloc_len, slots)
         req.token_ids += reply
-        req.kv_len = req.alloc_len = total
+        cache.extend(req, total - req.kv_len)  # prefill + decode, page aligned start
+        cache.mark_computed(req, total)
         cache.advance_frontier(req, total)
         t4 = clock()
         cache.cache_finished(req)
         t5 = clock()
         times["insert"].append(t5 - t4)
-        table.free_row(req.row)
+        hit_tokens += m.prefix_len
+        window_miss_tokens += m.full_only_len - m.prefix_len
+        prompt_tokens += len(prompt)
         if len(prompt) >= 3500:
             big.append(times["match"][-1] + (t5 - t4))
     cache.check_integrity([])
@@ -118,8 +119,8 @@ def run(num_conv: int, seed: int, full_tokens: int, swa_tokens: int) -> dict:
                    "requests": len(trace), "torch_threads": torch.get_num_threads()},
         "ops": rows,
         "cache": {"nodes": s.num_nodes, "cached_full": s.cached.full, "cached_swa": s.cached.swa,
-                  "hit_tokens": s.hit_tokens, "prompt_tokens": s.prompt_tokens,
-                  "window_miss_tokens": s.window_miss_tokens, "dedup_tokens": s.dedup_tokens,
+                  "hit_tokens": hit_tokens, "prompt_tokens": prompt_tokens,
+                  "window_miss_tokens": window_miss_tokens, "dedup_tokens": s.dedup_tokens,
                   "revived_tokens": s.revived_tokens},
     }
 

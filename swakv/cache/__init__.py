@@ -1,11 +1,14 @@
 """What is cached and who may evict it: the window-aware radix prefix cache (DESIGN §4).
 
 Modules: `node` (types), `lru` (lazy heaps), `tree` (RadixTree), `integrity`
-(checks), `req_kv` (ReqKV), `facade` (PrefixCache), `chunk_cache` (ChunkCache).
+(checks), `req_kv` (ReqKV), `base` (what both facades share, the lifecycle),
+`facade` (PrefixCache), `chunk_cache` (ChunkCache), `protocol` (KVCache, the
+interface the scheduler uses).
 """
 
+from swakv.cache.base import CacheStats
 from swakv.cache.chunk_cache import ChunkCache
-from swakv.cache.facade import CacheStats, PrefixCache
+from swakv.cache.facade import PrefixCache
 from swakv.cache.node import (
     InsertResult,
     LockError,
@@ -15,6 +18,7 @@ from swakv.cache.node import (
     StaleMatch,
     TreeNode,
 )
+from swakv.cache.protocol import KVCache
 from swakv.cache.req_kv import ReqKV
 from swakv.cache.tree import RadixTree
 
@@ -22,6 +26,7 @@ __all__ = [
     "CacheStats",
     "ChunkCache",
     "InsertResult",
+    "KVCache",
     "LockError",
     "LockHandle",
     "MatchEnd",

@@ -2,7 +2,7 @@
 
 Every page a request holds is request-owned (`protected_len == 0`, no lock); match
 always returns 0; finishing or releasing frees everything; evict frees nothing.
-The frontier works as in `PrefixCache` (`CacheBase.advance_frontier`).
+Rows, slots and the frontier work as in `PrefixCache` (`CacheBase`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from swakv.cache.facade import CacheBase, CacheStats
+from swakv.cache.base import CacheBase, CacheStats
 from swakv.cache.node import MatchResult
 from swakv.cache.req_kv import ReqKV
 from swakv.memory.allocator.base import INDEX_DTYPE
@@ -19,30 +19,26 @@ from swakv.memory.pages import Need
 
 
 class ChunkCache(CacheBase):
-    """Same methods as `PrefixCache`; nothing is ever shared or cached."""
+    """Same interface as `PrefixCache` (`KVCache`); nothing is ever shared or cached."""
 
     def match(self, token_ids: Sequence[int] | torch.Tensor) -> MatchResult:
         return MatchResult(0, torch.zeros(0, dtype=INDEX_DTYPE), None, 0)
 
-    def admit(self, req: ReqKV, match: MatchResult) -> None:
-        if req.lock is not None or req.alloc_len:
-            raise ValueError(f"admit: request already holds KV: {req}")
+    def admit(self, token_ids: list[int], match: MatchResult) -> ReqKV:
         if match.prefix_len:
             raise ValueError("ChunkCache.admit: a match with a prefix")
-        req.kv_len = req.alloc_len = req.protected_len = req.frontier = 0
-        self._counters["admitted"] += 1
-        self._counters["prompt_tokens"] += len(req.token_ids)
+        return self._open(token_ids)
 
     def cache_unfinished(self, req: ReqKV) -> None:
         """Nothing to do: the request keeps owning all its pages."""
 
     def cache_finished(self, req: ReqKV) -> None:
         self._free_own(req, 0)
-        self._reset(req)
+        self._close(req)
 
     def release(self, req: ReqKV) -> None:
         self._free_own(req, 0)
-        self._reset(req)
+        self._close(req)
 
     def evict(self, need: Need) -> Need:
         return Need(0, 0)
@@ -61,6 +57,6 @@ class ChunkCache(CacheBase):
         self.req_table.check_integrity()
         for req in live:
             assert req.protected_len == 0 and req.lock is None, f"{req}: ChunkCache shares"
-        owners = torch.zeros(self.allocator.full.pages.num_pages + 1, dtype=torch.long)
+        owners = self._new_owner_count()
         self._check_requests(live, owners)
         self._check_owners(owners)

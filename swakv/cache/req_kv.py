@@ -1,4 +1,5 @@
-"""One request's KV bookkeeping, shared by the cache facade and the scheduler.
+"""One request's KV bookkeeping: owned and mutated by the cache facade only (the
+scheduler and the engine read it).
 
 Ownership of the request's row positions (DESIGN §2), all bounds page aligned except
 `kv_len` and `alloc_len`:
@@ -22,9 +23,10 @@ from swakv.cache.node import LockHandle
 
 @dataclass
 class ReqKV:
-    """One request's KV bookkeeping; mutated only by the cache facade and the scheduler.
+    """One request's KV bookkeeping; mutated only by the cache facade.
 
-    - `row`: request row in the ReqTable; `row[p]` = full slot of position p.
+    - `row`: request row in the ReqTable; `row[p]` = full slot of position p (-1 once
+      the facade gave the row back).
     - `token_ids`: tokens of positions 0..; KV exists for `[0, kv_len)`.
     - `kv_len`: positions `[0, kv_len)` have KV written.
     - `alloc_len`: positions `[0, alloc_len)` have slots in the row.

@@ -143,11 +143,23 @@ class RadixTree:
 
     def _touch_path(self, node: TreeNode, prefix_len: int) -> None:
         """Refresh full times on the path root..node, SWA times in the last W + page."""
+        self._touch_recent(node, prefix_len, 0)
+
+    def _touch_recent(self, node: TreeNode, prefix_len: int, since: int) -> None:
+        """Refresh the nodes of the path root..node that end past `min(since, lo)`,
+        lo = prefix_len - W - page: full times on them, SWA times on live ones past lo.
+
+        With since = 0 that is the whole path; a page commit passes the old end, so it
+        touches only its new nodes and the recent window (O(W / page) nodes). Older
+        ancestors keep their times: they are locked by the committing request, and
+        `unlock(touch=True)` refreshes the whole path when it lets go.
+        """
         self._clock += 1
         now = self._clock
         lo = max(0, prefix_len - self.window - self.page)
+        stop = min(since, lo)
         n = node
-        while n.parent is not None:
+        while n.parent is not None and n.end > stop:
             n.full_time = now
             if n.swa_live and n.end > lo:
                 n.swa_time = now
@@ -259,12 +271,14 @@ class RadixTree:
         self._push(node)
 
     def _add_child(self, parent: TreeNode, toks: tuple[int, ...], slots: torch.Tensor,
-                   a: int, b: int, live: bool) -> TreeNode:
-        child = TreeNode(parent, toks[a:b], slots[a:b].clone(), a, live)
-        parent.children[toks[a : a + self.page]] = child
+                   a: int, b: int, base: int, live: bool) -> TreeNode:
+        """New node for positions [a, b); `toks`/`slots` index position q at q - base."""
+        key = toks[a - base : b - base]
+        child = TreeNode(parent, key, slots[a - base : b - base].clone(), a, live)
+        parent.children[key[: self.page]] = child
         self._account(child, 1)
         self.num_nodes += 1
-        self._push(child)  # swa_time 0: oldest, unless _touch_path refreshes it
+        self._push(child)  # swa_time 0: oldest, unless a touch refreshes it
         return child
 
     def insert(self, token_ids: TokenIds, full_slots: torch.Tensor,
@@ -273,28 +287,62 @@ class RadixTree:
 
         `full_slots[i]` is the request's full slot of position i; `[0, protected_len)`
         is already the tree's; request positions below `frontier` have no SWA.
+        Walks from the root: O(n). A request that already holds a lock at
+        `protected_len` uses `insert_from`, whose cost does not depend on that length.
         """
         toks = as_tokens(token_ids)
         p, n = self.page, len(toks)
         if n % p or int(full_slots.numel()) != n or protected_len % p or not 0 <= protected_len <= n:
             raise ValueError(f"insert: n={n} slots={full_slots.numel()} protected={protected_len}")
+        res = self._insert(self.root, 0, toks, full_slots, protected_len, frontier)
+        self._touch_path(res.end.node, n)
+        return res
+
+    def insert_from(self, handle: LockHandle, token_ids: TokenIds, full_slots: torch.Tensor,
+                    frontier: int) -> InsertResult:
+        """Insert positions `[P, P + m)` below the end that `handle` locks (P =
+        `handle.prefix_len`); `token_ids` / `full_slots` hold only those m positions.
+
+        Everything on the path to P is the tree's and pinned by `handle`, so the walk
+        starts at `handle.end_node`: the cost is O(m + W / page), independent of P (a
+        decoding request commits each filled page this way). `InsertResult.full_slots`
+        covers `[P, P + m)`; `prefix_len` and `end` are absolute (P + m).
+        """
+        self._check_handle(handle)
+        toks = as_tokens(token_ids)
+        p, base = self.page, handle.prefix_len
+        if len(toks) % p or int(full_slots.numel()) != len(toks):
+            raise ValueError(f"insert_from: {len(toks)} tokens, {full_slots.numel()} slots")
+        node = handle.end_node
+        assert node.end == base or node is self.root, (node, base)
+        res = self._insert(node, base, toks, full_slots, base, frontier)
+        self._touch_recent(res.end.node, res.prefix_len, base)
+        return res
+
+    def _insert(self, node: TreeNode, base: int, toks: tuple[int, ...], full_slots: torch.Tensor,
+                protected_len: int, frontier: int) -> InsertResult:
+        """Walk down from `node` (ending at `base`) inserting positions [base, n).
+
+        `toks[i]` / `full_slots[i]` belong to position base + i; n = base + len(toks).
+        """
+        p, n = self.page, base + len(toks)
         live_from = max(protected_len, page_ceil(frontier, p))
-        node, pos = self.root, 0
+        pos = base
         pieces: list[torch.Tensor] = []
         dups: list[torch.Tensor] = []
         dedup = revived = 0
         while pos < n:
-            child = node.children.get(toks[pos : pos + p])
+            child = node.children.get(toks[pos - base : pos - base + p])
             if child is None:
                 break
-            m = self._common(child.key, toks, pos, n)
+            m = self._common(child.key, toks, pos - base, n - base)
             cuts = [m, protected_len - pos] + ([] if child.swa_live else [live_from - pos])
             cut = min((c for c in cuts if 0 < c < len(child.key)), default=0)
             if cut:
                 child, m = self._split(child, cut), min(m, cut)
             assert child.value is not None and m == len(child.key)
             if pos >= protected_len:
-                own = full_slots[pos : pos + m]
+                own = full_slots[pos - base : pos - base + m]
                 if not child.swa_live and pos >= live_from:
                     self._revive(child, own)
                     revived += m
@@ -313,11 +361,10 @@ class RadixTree:
             elif n > t:
                 spans.append((t, n, True))
             for a, b, live in spans:
-                node = self._add_child(node, toks, full_slots, a, b, live)
+                node = self._add_child(node, toks, full_slots, a, b, base, live)
                 pieces.append(node.value)  # type: ignore[arg-type]
         if dups:
-            self.allocator.free(torch.cat(dups))
-        self._touch_path(node, n)
+            self.allocator.free(torch.cat(dups) if len(dups) > 1 else dups[0])
         slots = torch.cat(pieces) if pieces else torch.zeros(0, dtype=INDEX_DTYPE)
         return InsertResult(n, slots, MatchEnd(node, n), dedup, revived, new_len)
 
@@ -336,40 +383,97 @@ class RadixTree:
         plen = end.prefix_len
         node = self._resolve(end)
         lo = max(0, plen - (self.window - 1))
-        n = node
-        while n.parent is not None and min(n.end, plen) > lo:
-            if not n.swa_live:
-                raise StaleMatch(f"end {plen}: window [{lo}, {plen}) is no longer live")
-            n = n.parent
+        self._check_window(node, plen, lo)
         if plen < node.end:
             node = self._split(node, plen - node.start)
         self._split_at(node, swa_tail_start(plen, self.window, self.page))
         handle = LockHandle(plen, node, owner=self)
         n = node
         while n.parent is not None:
-            self._account(n, -1)
-            in_window = n.end > lo
-            n.full_lock += 1
-            handle.full_nodes.append(n)
-            if in_window:
-                n.swa_lock += 1
-                handle.swa_nodes.append(n)
-            n.lockers[handle] = in_window
-            self._account(n, 1)
+            self._hold(handle, n, n.end > lo)
             n = n.parent
         self._touch_path(node, plen)
         return handle
 
-    def unlock(self, handle: LockHandle) -> None:
-        """Release exactly the counts `handle` raised; LockError if released or foreign."""
+    def relock(self, handle: LockHandle, end: MatchEnd) -> None:
+        """Move a live `handle` down its own path from P to the end P' >= P that
+        `insert_from(handle, ...)` returned, in place (no second handle, no unlock).
+
+        Full counts are raised on the nodes between the old and the new end; SWA counts
+        move to the window `[P' - (W - 1), P')`: nodes that fell out of it lose theirs,
+        new nodes inside it gain one (the window only moves forward, so no older node
+        re-enters it). Cost O(new nodes + W / page), independent of P.
+        """
+        self._check_handle(handle)
+        plen = end.prefix_len
+        if plen < handle.prefix_len:
+            raise ValueError(f"relock moves ends forward: {handle.prefix_len} -> {plen}")
+        node = self._resolve(end)
+        lo = max(0, plen - (self.window - 1))
+        self._check_window(node, plen, lo)
+        if plen < node.end:
+            node = self._split(node, plen - node.start)
+        self._split_at(node, swa_tail_start(plen, self.window, self.page))
+        new_nodes, n = [], node
+        while n is not handle.end_node:
+            if n.parent is None:
+                raise ValueError(f"relock: end {plen} is not below the handle's end")
+            new_nodes.append(n)
+            n = n.parent
+        kept = []
+        for n in handle.swa_nodes:
+            if n.end > lo:
+                kept.append(n)
+                continue
+            self._account(n, -1)
+            n.swa_lock -= 1
+            n.lockers[handle] = False
+            self._account(n, 1)
+            self._push(n)
+        handle.swa_nodes = kept
+        for n in new_nodes:
+            self._hold(handle, n, n.end > lo)
+        handle.prefix_len, handle.end_node = plen, node
+        self._touch_recent(node, plen, plen)
+
+    def _check_window(self, node: TreeNode, plen: int, lo: int) -> None:
+        """StaleMatch unless SWA is live on the path nodes overlapping [lo, plen)."""
+        n = node
+        while n.parent is not None and min(n.end, plen) > lo:
+            if not n.swa_live:
+                raise StaleMatch(f"end {plen}: window [{lo}, {plen}) is no longer live")
+            n = n.parent
+
+    def _hold(self, handle: LockHandle, n: TreeNode, in_window: bool) -> None:
+        """Raise `handle`'s full count on `n`, and its SWA count when `in_window`."""
+        self._account(n, -1)
+        n.full_lock += 1
+        handle.full_nodes.append(n)
+        if in_window:
+            n.swa_lock += 1
+            handle.swa_nodes.append(n)
+        n.lockers[handle] = in_window
+        self._account(n, 1)
+
+    def _check_handle(self, handle: LockHandle) -> None:
         if handle.owner is not self:
             raise LockError("lock handle issued by another tree")
         if handle.released:
-            raise LockError("lock handle released twice")
+            raise LockError("lock handle already released")
+
+    def unlock(self, handle: LockHandle, touch: bool = False) -> None:
+        """Release exactly the counts `handle` raised; LockError if released or foreign.
+
+        With `touch`, the whole locked path counts as used now (LRU), as a lock does:
+        a request that committed page by page refreshes its path once, when it ends.
+        """
+        self._check_handle(handle)
         for n in handle.full_nodes:
             if handle not in n.lockers or n.full_lock <= 0:
                 raise LockError(f"handle does not hold {n}")
         handle.released = True
+        if touch:
+            self._touch_path(handle.end_node, handle.prefix_len)
         for n in handle.full_nodes:
             swa = n.lockers.pop(handle)
             self._account(n, -1)

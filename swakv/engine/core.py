@@ -1,6 +1,12 @@
 """EngineCore: one plain object driven by `step()`; owns the pools, the cache, the
 scheduler, the model runner and the sampler. The server and `LLM` hold one; nothing
 subclasses it. Not thread-safe: one thread calls `add_request`, `abort` and `step`.
+
+Containment (DESIGN §10): everything a client sends is validated in `add_request`
+(typed `InvalidRequest` naming the parameter). An exception raised while stepping
+fails only the requests of that step (each gets a finished StepOutput with `error`),
+their KV is released, and `check_integrity()` runs; only a failed integrity check
+raises (`EngineCorrupted`), and then the engine must not be used any more.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from swakv.model.sampler import Sampler, make_generator
 from swakv.sampling_params import SamplingParams
 from swakv.sched.cost import CostModel
 from swakv.sched.request import FinishReason, Lifecycle, Request
-from swakv.sched.scheduler import ScheduledItem, Scheduler
+from swakv.sched.scheduler import Dropped, ScheduledItem, Scheduler
 from swakv.sched.sizing import PoolSizes, PoolTooSmall, capacity_line, size_pools
 
 log = logging.getLogger("swakv.engine")
@@ -43,19 +49,40 @@ class PromptTooLong(ValueError):
         self.max_context = max_context
 
 
-class EmptyPrompt(ValueError):
+class InvalidRequest(ValueError):
+    """A request the engine refuses at submission; `param` names the bad parameter."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EmptyPrompt(InvalidRequest):
     """A prompt with no tokens."""
+
+    def __init__(self, message: str = "prompt must contain at least one token") -> None:
+        super().__init__(message, "prompt")
+
+
+class EngineCorrupted(RuntimeError):
+    """`check_integrity()` failed after a step error: the KV bookkeeping is broken and
+    the engine must stop (every waiting client is answered at once)."""
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    """What one step produced for one request."""
+    """What one step produced for one request.
+
+    `error` is set (and `finished` True) when the request failed: its step raised, or
+    it could never be scheduled.
+    """
 
     request: Request
     new_token_ids: list[int]
     delta_text: str
     finished: bool
     logprobs: tuple | None = None  # TokenLogprobs per new token when params.logprobs is set
+    error: str | None = None
 
 
 def effective_chunk_size(cfg: EngineConfig, window: int | None, swa_tokens: int) -> int:
@@ -93,8 +120,7 @@ class EngineCore:
         self.cache = cache_cls(self.allocator, self.req_table, p, window)
         self.runner = ModelRunner(model, self.kv_pool, self.req_table)
         self.sampler = Sampler()
-        self.scheduler = Scheduler(self.cost, self.allocator, self.req_table, self.cache,
-                                   cfg.max_running_requests)
+        self.scheduler = Scheduler(self.cost, self.cache, cfg.max_running_requests)
         self.eos_ids = frozenset(spec.eos_token_ids) | frozenset(getattr(tokenizer, "eos_ids", ()))
         self.requests: dict[str, Request] = {}
         self._texts: dict[str, OutputText] = {}
@@ -102,23 +128,35 @@ class EngineCore:
         log.info(capacity_line(self.sizes, self.cost))
 
     # ---- submission -----------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams,
-                    request_id: str | None = None) -> Request:
-        """Validate and queue a request; raises PromptTooLong / EmptyPrompt at once."""
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest / PromptTooLong if the request can never be served.
+
+        Side-effect free, so a caller with several requests validates all first and
+        adds none when one is bad. Token ids (prompt, stop_token_ids) must lie in
+        [0, vocab_size); a negative id would silently index the wrong token.
+        """
         if not prompt_ids:
-            raise EmptyPrompt("prompt must contain at least one token")
+            raise EmptyPrompt()
         if len(prompt_ids) >= self.max_context:
             raise PromptTooLong(len(prompt_ids), self.max_context, self.model_limit,
                                 self.sizes.full_tokens)
-        bad = [t for t in prompt_ids if not 0 <= t < self.spec.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
+        vocab = self.spec.vocab_size
+        for param, ids in (("prompt", prompt_ids), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
+            if bad:
+                raise InvalidRequest(f"{param}: token ids must be integers in [0, {vocab}); "
+                                     f"got {bad[:5]}", param)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> Request:
+        """Validate and queue a request; raises InvalidRequest / PromptTooLong at once."""
+        self.validate_request(prompt_ids, params)
+        if request_id is not None and request_id in self.requests:
+            raise InvalidRequest(f"duplicate request id {request_id}", "request_id")
         req = Request(list(prompt_ids), params, self.max_context, arrival_time=time.monotonic(),
                       generator=make_generator(params))
         if request_id is not None:
             req.request_id = request_id
-        if req.request_id in self.requests:
-            raise ValueError(f"duplicate request id {req.request_id}")
         self.requests[req.request_id] = req
         self._texts[req.request_id] = OutputText(self.tokenizer, params, self.eos_ids)
         self.scheduler.add(req)
@@ -138,22 +176,67 @@ class EngineCore:
 
     # ---- stepping -------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """Run one step. Never raises for a failed step (see the module docstring)
+        except EngineCorrupted; returns outputs of sampled, dropped and failed requests."""
         t0 = time.perf_counter()
-        items = self.scheduler.schedule()
+        try:
+            sched = self.scheduler.schedule()
+        except Exception as e:
+            return self._contain(e, self.scheduler.touched())
+        outputs = [self._dropped(d) for d in sched.dropped]
+        items = sched.items
         if not items:
-            return []
+            return outputs
+        try:
+            outputs += self._run(items)
+        except Exception as e:
+            outputs += self._contain(e, [i.req for i in items])
+        self.metrics.on_step(sum(i.num_tokens for i in items), time.perf_counter() - t0)
+        return outputs
+
+    def _run(self, items: list[ScheduledItem]) -> list[StepOutput]:
+        """Forward, KV bookkeeping and sampling of one scheduled batch."""
         batch = [BatchItem(i.req.kv.row, i.prefix_len,
                            i.req.token_ids[i.prefix_len : i.prefix_len + i.num_tokens])
                  for i in items]
         out = self.runner.forward(batch)
         for i in items:
-            i.req.kv.kv_len = i.prefix_len + i.num_tokens
+            self.cache.mark_computed(i.req.kv, i.prefix_len + i.num_tokens)
         sampling = [(k, i) for k, i in enumerate(items) if i.completes]
         if self.cfg.enable_prefix_cache:
             self._commit_to_cache(items)
-        results = self._sample(out.last_logits, sampling)
-        self.metrics.on_step(sum(i.num_tokens for i in items), time.perf_counter() - t0)
-        return results
+        return self._sample(out.last_logits, sampling)
+
+    def _contain(self, error: Exception, reqs: list[Request]) -> list[StepOutput]:
+        """Fail `reqs` (the requests of the step that raised), release their KV, and
+        check integrity; EngineCorrupted if the bookkeeping is broken."""
+        log.error("engine step failed (%s: %s); failing its %d requests",
+                  type(error).__name__, error, len(reqs), exc_info=error)
+        message = f"internal error while running this request: {type(error).__name__}: {error}"
+        outputs, seen = [], set()
+        try:
+            for req in reqs:
+                if req.is_finished or id(req) in seen:
+                    continue
+                seen.add(id(req))
+                self.scheduler.finish(req, insert=False)
+                req.error = message
+                self._finish(req, FinishReason.ERROR)
+                outputs.append(StepOutput(req, [], "", True, error=message))
+            self.check_integrity()
+        except Exception as broken:
+            raise EngineCorrupted(f"KV bookkeeping broken after a failed step: {broken}") from broken
+        return outputs
+
+    def _dropped(self, d: Dropped) -> StepOutput:
+        """A request the scheduler finished without running it further."""
+        req = d.req
+        if d.reason is FinishReason.ERROR:
+            req.error = d.message
+            log.warning("request %s failed: %s", req.request_id, d.message)
+        self._finish(req, d.reason)
+        text = self._texts[req.request_id].take_delta(True)
+        return StepOutput(req, [], text, True, error=req.error)
 
     def _commit_to_cache(self, items: list[ScheduledItem]) -> None:
         """Hand each request's newly committed whole pages to the tree and re-lock there.
@@ -203,7 +286,10 @@ class EngineCore:
         return outputs
 
     def _mask_early_stops(self, logits: torch.Tensor, reqs: list[Request]) -> None:
-        """Before `min_tokens` outputs, EOS and stop tokens cannot be sampled."""
+        """Before `min_tokens` outputs, EOS and stop tokens cannot be sampled.
+
+        Ids are in range: `validate_request` refused any other at submission.
+        """
         for j, req in enumerate(reqs):
             p = req.params
             if req.num_output_tokens < p.min_tokens:
@@ -233,6 +319,8 @@ class EngineCore:
         self.kv_pool.check_integrity()
         self.req_table.check_integrity()
         self.cache.check_integrity(self.scheduler.live_kvs())
+        for req in self.scheduler.waiting:
+            assert req.kv is None, f"waiting request {req.request_id} holds KV"
 
     def snapshot(self) -> EngineSnapshot:
         """Pool usage, queue lengths and counters (what /metrics exports)."""
@@ -248,6 +336,7 @@ class EngineCore:
             "scheduled_tokens": m.num_scheduled_tokens,
             "finished": m.num_finished,
             "aborted": m.num_aborted,
+            "failed": m.num_failed,
             "prompt_tokens": m.num_prompt_tokens,
             "output_tokens": m.num_output_tokens,
         }

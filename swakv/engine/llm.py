@@ -40,6 +40,7 @@ class GenerationOutput:
     finish_reason: str
     usage: Usage
     logprobs: list | None = None
+    error: str | None = None  # set when finish_reason is "error" (the request failed)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def to_output(engine: EngineCore, req: Request) -> GenerationOutput:
         finish_reason=req.finish_reason.value if req.finish_reason else "",
         usage=Usage(req.num_prompt_tokens, req.num_output_tokens, req.cached_prompt_tokens),
         logprobs=list(req.output_logprobs) if req.params.logprobs is not None else None,
+        error=req.error,
     )
 
 
@@ -85,16 +87,21 @@ class LLM:
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError("need one SamplingParams per prompt")
-        reqs = [self.engine.add_request(self.encode(p), sp) for p, sp in zip(prompts, params_list)]
-        return self._run(reqs)
+        return self._run(self._add_all([(self.encode(p), sp)
+                                        for p, sp in zip(prompts, params_list)]))
 
     def chat(self, messages: Messages | Sequence[Messages],
              sampling_params: SamplingParams | None = None) -> list[GenerationOutput]:
         """Apply the model's chat template to each conversation and generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params = sampling_params or SamplingParams()
-        reqs = [self.engine.add_request(self.chat_prompt(m), params) for m in convs]
-        return self._run(reqs)
+        return self._run(self._add_all([(self.chat_prompt(m), params) for m in convs]))
+
+    def _add_all(self, work: list[tuple[list[int], SamplingParams]]) -> list[Request]:
+        """Validate every request first, then add them all: one bad prompt adds none."""
+        for ids, sp in work:
+            self.engine.validate_request(ids, sp)
+        return [self.engine.add_request(ids, sp) for ids, sp in work]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
                ) -> Iterator[StreamChunk]:

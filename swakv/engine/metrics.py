@@ -17,6 +17,7 @@ class EngineMetrics:
     num_scheduled_tokens: int = 0
     num_finished: int = 0
     num_aborted: int = 0
+    num_failed: int = 0
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     step_times: deque = field(default_factory=lambda: deque(maxlen=1024))
@@ -30,7 +31,9 @@ class EngineMetrics:
 
     def on_finish(self, req: Request) -> None:
         self.num_finished += 1
-        self.num_aborted += req.finish_reason is not None and req.finish_reason.value == "abort"
+        reason = req.finish_reason.value if req.finish_reason is not None else None
+        self.num_aborted += reason == "abort"
+        self.num_failed += reason == "error"
         self.num_prompt_tokens += req.num_prompt_tokens
         self.num_output_tokens += req.num_output_tokens
         if req.finish_time is not None:

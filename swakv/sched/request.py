@@ -32,6 +32,7 @@ class FinishReason(StrEnum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
+    ERROR = "error"  # failed (a step raised, or it could never be scheduled); see `error`
 
 
 @dataclass(eq=False)
@@ -52,6 +53,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     output_logprobs: list = field(default_factory=list)
+    error: str | None = None  # why it failed, when finish_reason is ERROR
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

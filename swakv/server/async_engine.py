@@ -119,6 +119,11 @@ class RequestGroup:
             self.engine.abort(pending)
 
 
+class RequestFailed(RuntimeError):
+    """The engine failed one request (its step raised, or it could never be scheduled);
+    the server answers it with a 500 `server_error`. Other requests are unaffected."""
+
+
 class AsyncEngine:
     def __init__(self, engine: Any, observer: Observer | None = None) -> None:
         self.engine = engine  # owned by the engine thread once started
@@ -129,9 +134,13 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.supports_logprobs = bool(getattr(engine.sampler, "supports_logprobs", True))
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        # `_closed` is set (under `_submit_lock`) before _STOP is queued, and `submit`
+        # queues only while it is clear: no command can follow _STOP unanswered.
+        self._submit_lock = threading.Lock()
+        self._closed = False
         self._live: dict[str, _Sink] = {}  # engine thread only
         self._outbox: list[tuple[_Sink, Any]] = []  # engine thread only
-        self._thread = threading.Thread(target=self._run, name="swakv-engine", daemon=True)
+        self._thread = threading.Thread(target=self._main, name="swakv-engine", daemon=True)
         self.error: BaseException | None = None
         self.stopped = False
         self.snapshot: Snapshot = engine.snapshot()
@@ -142,8 +151,11 @@ class AsyncEngine:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Abort whatever still runs and join the thread."""
+        with self._submit_lock:
+            if not self._closed:
+                self._closed = True
+                self._cmds.put(_STOP)
         if self._thread.is_alive():
-            self._cmds.put(_STOP)
             self._thread.join(timeout)
         self.stopped = True
 
@@ -153,36 +165,64 @@ class AsyncEngine:
 
     def submit(self, request_id: str, work: list[tuple[list[int], SamplingParams]]
                ) -> RequestGroup:
-        """Queue one engine request per (prompt_ids, params); call from the event loop."""
-        if not self.healthy:
-            raise EngineUnavailable(f"engine is not running: {self.error or 'shut down'}")
+        """Queue one engine request per (prompt_ids, params); call from the event loop.
+
+        Every queued command is answered (Accepted or Failed), even if the engine fails
+        or stops right after: the thread answers whatever it reads, up to _STOP.
+        """
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         ids = [f"{request_id}-{i}" for i in range(len(work))]
         items = [(rid, p, sp, _Sink(loop, q, i)) for i, (rid, (p, sp)) in enumerate(zip(ids, work))]
-        self._cmds.put(("add", items))
+        with self._submit_lock:
+            if self._closed or not self.healthy:
+                raise EngineUnavailable(f"engine is not running: {self.error or 'shut down'}")
+            self._cmds.put(("add", items))
         return RequestGroup(self, q, ids)
 
     def abort(self, request_ids: list[str]) -> None:
         self._cmds.put(("abort", list(request_ids)))
 
     # ---- engine thread ------------------------------------------------------------
+    def _main(self) -> None:
+        """The thread body: `_run`, and if anything escapes it, fail every waiter."""
+        try:
+            self._run()
+        except BaseException as e:  # a bug outside the contained step: nobody may hang
+            log.exception("engine thread died; failing all requests")
+            self.error = self.error or e
+            self._fail_all(EngineUnavailable(f"engine failed: {e}"))
+            with self._submit_lock:
+                self._closed = True
+            for cmd in self._drain(block=False):
+                self._answer_unavailable(cmd, "engine failed")
+            self._flush()
+
     def _run(self) -> None:
         while True:
             busy = self.error is None and self.engine.has_unfinished()
             cmds = self._drain(block=not busy)
             if _STOP in cmds:
+                before = cmds[: cmds.index(_STOP)]
+                for cmd in before:
+                    self._answer_unavailable(cmd, "server is shutting down")
                 self._shutdown()
                 return
             for cmd in cmds:
                 self._handle(cmd)
             if cmds:  # show new and aborted requests before a possibly long step
-                self.snapshot = self.engine.snapshot()
+                self._refresh_snapshot()
                 self._flush()
             if self.error is None and self.engine.has_unfinished():
                 self._step()
-            self.snapshot = self.engine.snapshot()
+            self._refresh_snapshot()
             self._flush()
+
+    def _refresh_snapshot(self) -> None:
+        try:
+            self.snapshot = self.engine.snapshot()
+        except Exception:  # metrics must never take the engine down: keep the last one
+            log.exception("engine snapshot failed; /metrics shows the previous one")
 
     def _drain(self, block: bool) -> list:
         cmds = []
@@ -194,25 +234,47 @@ class AsyncEngine:
             pass
         return cmds
 
+    def _answer_unavailable(self, cmd, why: str) -> None:
+        """Answer an unhandled command: every add gets Failed, aborts need nothing."""
+        if cmd is _STOP or cmd[0] != "add":
+            return
+        for _rid, _p, _sp, sink in cmd[1]:
+            self._emit(sink, Failed(sink.index, EngineUnavailable(why)))
+
     def _handle(self, cmd) -> None:
         kind, payload = cmd
         if kind == "add":
             for rid, prompt_ids, params, sink in payload:
-                if self.error is not None:
-                    self._emit(sink, Failed(sink.index, EngineUnavailable(str(self.error))))
-                    continue
-                try:
-                    self.engine.add_request(prompt_ids, params, request_id=rid)
-                except ValueError as e:  # PromptTooLong, EmptyPrompt, bad token ids
-                    self._emit(sink, Failed(sink.index, e))
-                    continue
-                self._live[rid] = sink
-                self._emit(sink, Accepted(sink.index, rid))
+                self._add(rid, prompt_ids, params, sink)
         elif kind == "abort":
             for rid in payload:
                 if self._live.pop(rid, None) is not None:
-                    self.engine.abort(rid)
-                    self.engine.release(rid)
+                    try:
+                        self.engine.abort(rid)
+                        self.engine.release(rid)
+                    except Exception:
+                        log.exception("abort of %s failed", rid)
+
+    def _add(self, rid: str, prompt_ids: list[int], params: SamplingParams, sink: _Sink) -> None:
+        if self.error is not None:
+            self._emit(sink, Failed(sink.index, EngineUnavailable(str(self.error))))
+            return
+        try:
+            self.engine.add_request(prompt_ids, params, request_id=rid)
+        except ValueError as e:  # PromptTooLong, InvalidRequest: the client's fault (400)
+            self._emit(sink, Failed(sink.index, e))
+            return
+        except Exception as e:  # anything else is ours (500), and the engine goes on
+            log.exception("adding request %s failed", rid)
+            self._emit(sink, Failed(sink.index, RequestFailed(f"internal error: {e}")))
+            return
+        self._live[rid] = sink
+        self._emit(sink, Accepted(sink.index, rid))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for sink in self._live.values():
+            self._emit(sink, Failed(sink.index, error))
+        self._live.clear()
 
     def _step(self) -> None:
         eng = self.engine
@@ -220,43 +282,52 @@ class AsyncEngine:
         steps_before = eng.metrics.num_steps
         try:
             outputs = eng.step()
-        except Exception as e:  # an engine bug: fail everything, report unhealthy
-            log.exception("engine step failed; failing all requests")
+        except Exception as e:  # corruption (or an uncontained bug): stop, answer all 503
+            log.exception("engine step failed beyond containment; failing all requests")
             self.error = e
-            for sink in self._live.values():
-                self._emit(sink, Failed(sink.index, EngineUnavailable(f"engine failed: {e}")))
-            self._live.clear()
+            self._fail_all(EngineUnavailable(f"engine failed: {e}"))
             return
         if eng.metrics.num_steps > steps_before:
             self.observer.on_step(time.perf_counter() - t0)
         for out in outputs:
-            req = out.request
-            sink = self._live.get(req.request_id)
-            if sink is None:
-                continue
-            n_new = len(out.new_token_ids)
-            logprobs = list(out.logprobs) if out.logprobs is not None else None
-            if req.num_output_tokens == n_new and req.first_token_time is not None:
-                self.observer.on_first_token(req.first_token_time - req.arrival_time)
-            if not out.finished:
-                self._emit(sink, Delta(sink.index, out.delta_text, out.new_token_ids, logprobs))
-                continue
-            reason = req.finish_reason.value if req.finish_reason else "stop"
-            self._emit(sink, Delta(sink.index, out.delta_text, out.new_token_ids, logprobs,
-                                   reason, req.num_prompt_tokens, req.num_output_tokens,
-                                   req.cached_prompt_tokens))
-            if req.finish_time is not None:
-                self.observer.on_finish(req.finish_time - req.arrival_time)
+            self._deliver_output(out)
+
+    def _deliver_output(self, out) -> None:
+        req = out.request
+        sink = self._live.get(req.request_id)
+        if sink is None:
+            return
+        if out.error is not None:
             del self._live[req.request_id]
-            eng.release(req.request_id)
+            self.engine.release(req.request_id)
+            self._emit(sink, Failed(sink.index, RequestFailed(out.error)))
+            return
+        n_new = len(out.new_token_ids)
+        logprobs = list(out.logprobs) if out.logprobs is not None else None
+        if req.num_output_tokens == n_new and n_new and req.first_token_time is not None:
+            self.observer.on_first_token(req.first_token_time - req.arrival_time)
+        if not out.finished:
+            self._emit(sink, Delta(sink.index, out.delta_text, out.new_token_ids, logprobs))
+            return
+        reason = req.finish_reason.value if req.finish_reason else "stop"
+        self._emit(sink, Delta(sink.index, out.delta_text, out.new_token_ids, logprobs,
+                               reason, req.num_prompt_tokens, req.num_output_tokens,
+                               req.cached_prompt_tokens))
+        if req.finish_time is not None:
+            self.observer.on_finish(req.finish_time - req.arrival_time)
+        del self._live[req.request_id]
+        self.engine.release(req.request_id)
 
     def _shutdown(self) -> None:
         for rid, sink in list(self._live.items()):
-            self.engine.abort(rid)
-            self.engine.release(rid)
+            try:
+                self.engine.abort(rid)
+                self.engine.release(rid)
+            except Exception:
+                log.exception("abort of %s at shutdown failed", rid)
             self._emit(sink, Failed(sink.index, EngineUnavailable("server is shutting down")))
         self._live.clear()
-        self.snapshot = self.engine.snapshot()
+        self._refresh_snapshot()
         self._flush()
 
     def _emit(self, sink: _Sink, event: Any) -> None:

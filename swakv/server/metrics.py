@@ -10,7 +10,7 @@ Exported (all token counts are per pool, `pool` = "full" | "swa"):
   swakv_prefix_lookup_tokens_total      tokens looked up at admission
   swakv_retractions_total               requests retracted under memory pressure
   swakv_num_requests_{waiting,running}  scheduler queue lengths
-  swakv_{prompt,generation}_tokens_total, swakv_requests_{finished,aborted}_total
+  swakv_{prompt,generation}_tokens_total, swakv_requests_{finished,aborted,failed}_total
   swakv_request_latency_seconds, swakv_time_to_first_token_seconds,
   swakv_step_time_seconds               histograms
   swakv_http_requests_total{endpoint, status}
@@ -41,6 +41,8 @@ _COUNTERS = {  # snapshot counter -> (metric name without _total, help)
     "output_tokens": ("swakv_generation_tokens", "Output tokens of finished requests"),
     "finished": ("swakv_requests_finished", "Requests finished (aborted ones included)"),
     "aborted": ("swakv_requests_aborted", "Requests aborted (client gone or shutdown)"),
+    "failed": ("swakv_requests_failed",
+               "Requests failed by an engine error (their step raised, or they could never run)"),
     "steps": ("swakv_engine_steps", "Engine steps that ran a batch"),
 }
 

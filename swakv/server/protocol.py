@@ -3,6 +3,8 @@
 Only what the engine can honour is accepted: unsupported features (tools, logit_bias,
 echo, ...) are refused with a 400 naming the parameter, never silently ignored.
 Unknown extra fields are ignored, like the OpenAI API does for forward compatibility.
+Types are strict: a boolean must be `true`/`false` (not "yes" or 1), an integer an
+integer (not "3" or true), a number an integer or a float (not a string).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from swakv.sampling_params import InvalidSamplingParams, SamplingParams
 
 MAX_SEED = 2**63 - 1
+MAX_STOP_SEQUENCES = 4  # OpenAI's limit for `stop`
+MAX_STOP_TOKEN_IDS = 64
 
 
 class ApiError(Exception):
@@ -43,14 +47,19 @@ def from_validation_error(err: ValidationError) -> ApiError:
     return bad_request(f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
 
 
+STRICT = ConfigDict(extra="ignore", strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class _Common(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI + extensions)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: str
     stream: bool = False
@@ -76,6 +85,12 @@ class _Common(BaseModel):
     def check_common(self, max_n: int) -> None:
         if self.n > max_n:
             raise bad_request(f"n must be <= {max_n}, got {self.n}", "n")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP_SEQUENCES:
+            raise bad_request(f"stop: at most {MAX_STOP_SEQUENCES} stop sequences are allowed, "
+                              f"got {len(self.stop)}", "stop")
+        if self.stop_token_ids and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise bad_request(f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids are allowed, "
+                              f"got {len(self.stop_token_ids)}", "stop_token_ids")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true",
                               "stream_options")
@@ -131,15 +146,22 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
     def text(self, index: int) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
+        """The message's text; only an assistant message may have no content (null)."""
+        if self.content is None:
+            if self.role != "assistant":
+                raise bad_request(f"messages.{index}.content: a {self.role} message needs "
+                                  "content (a string or text parts), got null",
+                                  f"messages.{index}.content")
+            return ""
+        if isinstance(self.content, str):
+            return self.content
         parts = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):

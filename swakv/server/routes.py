@@ -22,9 +22,9 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from swakv.engine.core import EmptyPrompt, PromptTooLong
+from swakv.engine.core import InvalidRequest, PromptTooLong
 from swakv.model.tokenizer import ChatTemplateError
-from swakv.server.async_engine import Delta, EngineUnavailable, RequestGroup
+from swakv.server.async_engine import Delta, EngineUnavailable, RequestFailed, RequestGroup
 from swakv.server.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -45,7 +45,11 @@ def engine_error(e: BaseException, param: str) -> ApiError:
         return ApiError(400, str(e), param=param, code="context_length_exceeded")
     if isinstance(e, EngineUnavailable):
         return ApiError(503, str(e), type="server_error", code="engine_unavailable")
-    if isinstance(e, (EmptyPrompt, ValueError)):
+    if isinstance(e, RequestFailed):
+        return ApiError(500, str(e), type="server_error", code="internal_error")
+    if isinstance(e, InvalidRequest):
+        return bad_request(str(e), param if e.param == "prompt" else e.param)
+    if isinstance(e, ValueError):
         return bad_request(str(e), param)
     return ApiError(500, f"internal error: {e}", type="server_error", code="internal_error")
 
@@ -182,16 +186,19 @@ async def _handle(request: Request, chat: bool) -> Response:
     req.check(state.config.max_n)
     eng = state.engine
     prompt_param = "messages" if chat else "prompt"
+    # Tokenising and templating run off the event loop: a 4 MiB prompt takes seconds
+    # and /health (and every stream) must stay responsive meanwhile.
     if chat:
+        conversation = req.conversation()
         try:
-            prompts = [state.chat_prompt_ids(req.conversation())]
+            prompts = [await asyncio.to_thread(state.chat_prompt_ids, conversation)]
         except ChatTemplateError as e:
             raise bad_request(str(e), "messages") from None
         num_logprobs, requested = req.num_logprobs, req.requested_max_tokens
         default, max_param = None, ("max_completion_tokens" if req.max_completion_tokens
                                     is not None else "max_tokens")
     else:
-        prompts = [eng.tokenizer.encode(p) if isinstance(p, str)
+        prompts = [await asyncio.to_thread(eng.tokenizer.encode, p) if isinstance(p, str)
                    else _token_prompt(p, eng.vocab_size, "prompt") for p in req.prompts()]
         num_logprobs, requested = req.logprobs, req.max_tokens
         default, max_param = COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens"
@@ -279,8 +286,8 @@ async def _stream(group: RequestGroup, fmt: _Format, n: int, include_usage: bool
             if d.text or d.finish_reason is not None or d.logprobs:
                 lp = logprobs_fn(d.logprobs, d.index) if logprobs_fn and d.logprobs else None
                 yield _sse(fmt.chunk(d.index, d.text, d.finish_reason, lp))
-    except (EngineUnavailable, ValueError) as e:
-        yield _sse(engine_error(e, "prompt").body())
+    except Exception as e:  # the stream has started: the error goes in an event
+        yield _sse(engine_error(e, "messages" if fmt.chat else "prompt").body())
         yield "data: [DONE]\n\n"
         return
     if include_usage:

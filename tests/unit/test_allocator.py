@@ -12,6 +12,7 @@ from test_allocator_state_machine import snapshot
 
 from swakv.memory.allocator import (
     InvalidFree,
+    KVInvariantError,
     OutOfKVMemory,
     PagedAllocator,
     PageFreeList,
@@ -79,7 +80,9 @@ def test_token_allocator_exact() -> None:
     assert slots.tolist() == [5, 6] and new.tolist() == [5, 6]
     assert a.available_tokens() == 0
     assert a.new_pages_for_extend(3, 7) == 4
-    assert a.pages_of(t([3, 3, 1])).tolist() == [3, 1]  # adjacent repeats merge, order kept
+    assert a.pages_of(t([3, 1])).tolist() == [3, 1]  # order kept
+    with pytest.raises(InvalidFree):  # page size 1: a repeated slot is a repeated page
+        a.pages_of(t([3, 3, 1]))
     a.pages.give(t([2, 5]))
     assert a.extend_slots(0, 2, None)[0].tolist() == [2, 5]
     a.pages.check_integrity()
@@ -124,7 +127,9 @@ def test_paged_allocator_decode_and_errors() -> None:
         a.extend_slots(3, 5, None)
     with pytest.raises(ValueError):
         PagedAllocator(4, 1)
-    assert a.pages_of(t([7, 4, 20, 21])).tolist() == [1, 5]  # slots of one page together
+    assert a.pages_of(t([5, 7, 20, 21])).tolist() == [1, 5]  # slots of one page together
+    with pytest.raises(InvalidFree):  # a page fills in order: 7 then 4 names a slot again
+        a.pages_of(t([7, 4, 20, 21]))
 
 
 # ------------------------------------------------------------------ SWAAllocator basics
@@ -228,16 +233,18 @@ def test_alloc_extend_literal_page4() -> None:
     a.check_integrity()
 
 
-def test_alloc_extend_remaps_unmapped_partial_page() -> None:
-    # Outside the frontier rule: the partial page lost its SWA; extending maps a new one.
+def test_f05_alloc_extend_refuses_unmapped_partial_page() -> None:
+    # Outside the frontier rule: the partial page lost its SWA. Positions 4, 5 of it have
+    # no SWA KV, so mapping a fresh SWA page would pass uninitialised KV off as valid:
+    # a typed invariant error, and nothing taken.
     a = make(4)
     r = a.alloc(6)  # pages 1, 2 -> SWA 1, 2
-    a.free_swa(r[4:])  # page 2's SWA goes to the back: free SWA [3, 4, 5, 6, 2]
+    a.free_swa(r[4:])
     assert mapping(a) == {1: 1}
-    out = a.alloc_extend(6, 9, int(r[-1]))
-    assert out.tolist() == [10, 11, 12]
-    assert mapping(a) == {1: 1, 2: 3, 3: 4}
-    assert a.available() == Need(20, 12)
+    before = snapshot(a)
+    with pytest.raises(KVInvariantError, match="partially filled full page 2"):
+        a.alloc_extend(6, 9, int(r[-1]))
+    assert snapshot(a) == before
     a.check_integrity()
 
 
@@ -448,10 +455,8 @@ def test_batch_free_applies_once_at_exit(P: int) -> None:
     with a.batch_free():
         a.free(A)
         a.free_swa(B[:P])
-        a.free(C)
         with a.batch_free():  # nested: joins the outer batch
-            a.free_swa(B[:1])  # same page twice in one batch is fine
-            a.free(C[:1])
+            a.free(C)
         assert snapshot(a) == before  # nothing applied yet
     # SWA-only frees first (page 2's SWA), then full frees (pages 1 and 4, sorted)
     assert a.full.pages.free_pages().tolist() == [5, 6, 7, 8, 1, 4]
@@ -666,3 +671,55 @@ def test_move_swa_hands_pages_over(P: int) -> None:
     a.free(dst)
     a.check_integrity()
     assert a.available() == a.total()
+
+
+# ------------------------------------------------------- finding 4: repeats in one free
+def test_f04_page_repeated_within_one_free_is_refused() -> None:
+    # Before: validate_give only rejected pages already free, so [a, b, a] went into the
+    # ring twice and page a could later be handed to two owners.
+    fl = PageFreeList(6)
+    taken = fl.take(3)  # pages 1, 2, 3
+    before = fl.free_pages().tolist()
+    with pytest.raises(InvalidFree, match="twice"):
+        fl.give(t([1, 2, 1]))
+    assert fl.free_pages().tolist() == before
+    fl.give(taken)
+    fl.check_integrity()
+    assert sorted(fl.free_pages().tolist()) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_f04_slots_repeated_within_one_free_are_refused(page: int) -> None:
+    a = make(page)
+    r = a.alloc(3 * page)
+    before = snapshot(a)
+    with pytest.raises(InvalidFree):
+        a.free(torch.cat([r, r[:1]]))  # the first page named again after the others
+    with pytest.raises(InvalidFree):
+        a.free(torch.cat([r[:1], r]))  # the first slot twice in a row
+    assert snapshot(a) == before
+    a.free(r)
+    assert a.available() == a.total()
+    a.check_integrity()
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_f04_same_page_in_two_batched_frees_is_refused(page: int) -> None:
+    # Before: batch_free concatenated the calls and the adjacent dedup merged the two
+    # frees of the same page into one, hiding the caller's double free.
+    a = make(page)
+    r = a.alloc(2 * page)
+    before = snapshot(a)
+    with pytest.raises(InvalidFree), a.batch_free():
+        a.free(r[page:])
+        a.free(r[page:])
+    assert snapshot(a) == before
+    with pytest.raises(InvalidFree), a.batch_free():
+        a.free_swa(r[:page])
+        a.free_swa(r[:page])
+    assert snapshot(a) == before
+    with a.batch_free():  # SWA-only then full free of the same page is legitimate
+        a.free_swa(r[:page])
+        a.free(r)
+    assert a.available() == a.total()
+    a.check_integrity()

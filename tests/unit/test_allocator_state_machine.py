@@ -26,7 +26,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from swakv.memory.allocator import OutOfKVMemory, SWAAllocator
+from swakv.memory.allocator import InvalidFree, OutOfKVMemory, SWAAllocator
 from swakv.memory.pages import Need, max_frontier, num_pages, swa_tail_len, swa_tail_start
 
 I64 = torch.int64
@@ -37,12 +37,37 @@ MAX_PAGES_PER_REQ = 6
 
 @dataclass
 class Req:
+    """SWA of page i is live iff (i * P >= frontier) != (i in flipped): `move_swa` flips
+    pages against the plain frontier rule (a donor loses, a receiver gains)."""
+
+    page: int
     slots: list[int] = field(default_factory=list)  # full slot of each position
     frontier: int = 0  # page aligned; SWA of positions < frontier freed
+    flipped: set[int] = field(default_factory=set)
 
     @property
     def length(self) -> int:
         return len(self.slots)
+
+    def page_live(self, i: int) -> bool:
+        return (i * self.page >= self.frontier) != (i in self.flipped)
+
+    def set_live(self, i: int, live: bool) -> None:
+        if self.page_live(i) != live:
+            self.flipped ^= {i}
+
+    def num_live_pages(self) -> int:
+        return sum(self.page_live(i) for i in range(num_pages(self.length, self.page)))
+
+    def advance(self, new_frontier: int) -> None:
+        """Frontier moves to new_frontier: pages below it lose SWA (free_swa)."""
+        P = self.page
+        for i in range(self.frontier // P, new_frontier // P):
+            self.flipped.discard(i)
+        self.frontier = new_frontier
+
+    def live_mask(self) -> list[bool]:
+        return [self.page_live(pos // self.page) for pos in range(self.length)]
 
 
 def snapshot(a: SWAAllocator) -> tuple:
@@ -71,7 +96,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     def ref_used(self) -> tuple[int, int]:
         P = self.P
         full = sum(num_pages(r.length, P) for r in self.reqs.values())
-        swa = sum(num_pages(r.length, P) - r.frontier // P for r in self.reqs.values())
+        swa = sum(r.num_live_pages() for r in self.reqs.values())
         return full, swa
 
     def ref_fits(self, full_pages: int, swa_pages: int) -> bool:
@@ -125,7 +150,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         out = self.expect_oom(lambda: self.a.alloc_extend(0, n, None), k, k)
         if out is None:
             return
-        self.add_request(Req(), out)
+        self.add_request(Req(P), out)
 
     @precondition(lambda self: self.reqs)
     @rule(data=st.data())
@@ -190,7 +215,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             for req, new in plan:
                 self.a.free_swa(torch.tensor(req.slots[req.frontier : new], dtype=I64))
         for req, new in plan:
-            req.frontier = new
+            req.advance(new)
 
     @rule(data=st.data())
     def arrive_with_swa_tail(self, data) -> None:
@@ -204,7 +229,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         )
         if out is None:
             return
-        self.add_request(Req(frontier=start), out)
+        self.add_request(Req(P, frontier=start), out)
 
     @precondition(lambda self: self.reqs)
     @rule(data=st.data())
@@ -225,9 +250,65 @@ class AllocatorMachine(RuleBasedStateMachine):
                     new = max_frontier(req.length, self.W, self.P)
                     if new > req.frontier:
                         self.a.free_swa(torch.tensor(req.slots[req.frontier : new], dtype=I64))
-                        req.frontier = new
+                        req.advance(new)
         for i in ids:
             del self.reqs[i]
+
+    @precondition(lambda self: self.reqs)
+    @rule(data=st.data())
+    def double_free_is_refused(self, data) -> None:
+        """A free naming a page twice (in one call, or across calls of one batch) raises
+        InvalidFree and changes nothing."""
+        rid = data.draw(st.sampled_from(self.live()), label="req")
+        slots = torch.tensor(self.reqs[rid].slots, dtype=I64)
+        k = data.draw(st.integers(0, len(slots) - 1), label="repeat_at")
+        how = data.draw(st.sampled_from(["in_call", "in_batch", "swa_in_batch"]), label="how")
+        before = snapshot(self.a)
+        try:
+            if how == "in_call":
+                self.a.free(torch.cat([slots, slots[k : k + 1]]))
+            else:
+                fn = self.a.free if how == "in_batch" else self.a.free_swa
+                with self.a.batch_free():
+                    fn(slots)
+                    fn(slots[k : k + 1])
+        except InvalidFree:
+            pass
+        else:
+            mapped = bool(self.a.is_swa_mapped(slots[k : k + 1]).all())
+            assert how == "swa_in_batch" and not mapped, "a repeated free was accepted"
+            return
+        assert snapshot(self.a) == before, "a refused free changed state"
+
+    @precondition(lambda self: len(self.reqs) >= 2)
+    @rule(data=st.data())
+    def move_swa(self, data) -> None:
+        """Tombstone revival: a donor's live SWA pages move to a receiver's full pages
+        below its frontier (equal page-aligned spans); free lists do not change."""
+        P = self.P
+        src_id, dst_id = data.draw(
+            st.lists(st.sampled_from(self.live()), min_size=2, max_size=2, unique=True))
+        src, dst = self.reqs[src_id], self.reqs[dst_id]
+        src_pages = [i for i in range(src.length // P) if src.page_live(i)]
+        dst_pages = [i for i in range(num_pages(dst.length, P)) if not dst.page_live(i)]
+        n = min(len(src_pages), len(dst_pages))
+        if n == 0:
+            return
+        n = data.draw(st.integers(1, n), label="num_pages")
+        src_pages, dst_pages = src_pages[:n], dst_pages[:n]
+        src_slots = torch.tensor([src.slots[i * P + o] for i in src_pages for o in range(P)],
+                                 dtype=I64)
+        dst_slots = torch.tensor([dst.slots[i * P + o] for i in dst_pages for o in range(P)],
+                                 dtype=I64)
+        moved = self.a.translate(src_slots)
+        free_before = self.a.available()
+        self.a.move_swa(dst_slots, src_slots)
+        assert torch.equal(self.a.translate(dst_slots), moved)
+        assert self.a.available() == free_before
+        for i in src_pages:
+            src.set_live(i, False)
+        for i in dst_pages:
+            dst.set_live(i, True)
 
     # ---- checks --------------------------------------------------------------------
     @invariant()
@@ -244,13 +325,13 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert len(pages) == num_pages(req.length, P)
             assert not (pages & all_full_pages), "two requests share a full page"
             all_full_pages |= pages
-            mapped = a.is_swa_mapped(slots).tolist()
-            assert mapped == [pos >= req.frontier for pos in range(req.length)]
+            live = torch.tensor(req.live_mask(), dtype=torch.bool)
+            assert a.is_swa_mapped(slots).tolist() == live.tolist()
             tr = a.translate(slots)
-            assert (tr[: req.frontier] < P).all(), "below the frontier must be unmapped"
-            live_tr = tr[req.frontier :]
+            assert (tr[~live] < P).all(), "positions without SWA must translate to page 0"
+            live_tr = tr[live]
             assert (live_tr >= P).all()
-            assert (live_tr % P == slots[req.frontier :] % P).all(), "page congruence"
+            assert (live_tr % P == slots[live] % P).all(), "page congruence"
             all_swa += live_tr.tolist()
         assert len(all_swa) == len(set(all_swa)), "two live positions share an SWA slot"
         free_full = set(a.full.pages.free_pages().tolist())

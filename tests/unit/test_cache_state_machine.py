@@ -25,7 +25,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from swakv.cache import ChunkCache, MatchResult, PrefixCache, ReqKV
+from swakv.cache import ChunkCache, MatchResult, PrefixCache, ReqKV  # noqa: F401
 from swakv.memory import Need, OutOfKVMemory, ReqTable, SWAAllocator
 from swakv.memory.pages import page_floor
 
@@ -87,6 +87,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache = cls(self.alloc, self.table, p, self.window)
         self.kv = FakeKV(self.alloc)
         self.live: list[Live] = []
+        self.hit_tokens = self.window_miss_tokens = 0  # over admitted matches
 
     # ---- helpers -------------------------------------------------------------------
     def _prompt(self, base: int, cut: int, tail: list[int]) -> list[int]:
@@ -104,11 +105,12 @@ class CacheMachine(RuleBasedStateMachine):
         return self.live[i % len(self.live)]
 
     def _drop(self, item: Live, finished: bool) -> None:
+        rows_before = self.table.num_free
         if finished:
             self.cache.cache_finished(item.req)
         else:
             self.cache.release(item.req)
-        self.table.free_row(item.req.row)
+        assert self.table.num_free == rows_before + 1 and item.req.row == -1
         self.live.remove(item)
 
     # ---- rules ---------------------------------------------------------------------
@@ -120,9 +122,11 @@ class CacheMachine(RuleBasedStateMachine):
             return
         m = self.cache.match(prompt)
         self._verify_match(prompt, m)
-        req = ReqKV(self.table.alloc_row(), list(prompt))
-        self.cache.admit(req, m)
+        assert self.cache.can_admit()
+        req = self.cache.admit(list(prompt), m)
         assert req.kv_len == req.alloc_len == req.protected_len == m.prefix_len
+        self.hit_tokens += m.prefix_len
+        self.window_miss_tokens += m.full_only_len - m.prefix_len
         target = len(prompt) + min(decode, 3 * self.page)
         self.live.append(Live(req, len(prompt), target))
 
@@ -143,20 +147,19 @@ class CacheMachine(RuleBasedStateMachine):
         else:  # decode one token
             new_len = req.kv_len + 1
             req.token_ids.append(tok)
-        start = req.alloc_len
-        last = int(self.table.read(req.row, start - 1, start)[0]) if start else None
+        start = req.kv_len
+        need = self.cache.extend_need(req, new_len - start)
+        if not self.cache.can_allocate(need):
+            self.cache.evict((need - self.cache.available()).clamp_min(0))
         try:
-            slots = self.alloc.alloc_extend(start, new_len, last)
-        except OutOfKVMemory as e:
-            self.cache.evict((e.need - e.available).clamp_min(0))
-            try:
-                slots = self.alloc.alloc_extend(start, new_len, last)
-            except OutOfKVMemory:
-                self._drop(item, finished=False)  # retract
-                return
-        self.table.write(req.row, start, slots)
+            self.cache.extend(req, new_len - start)
+        except OutOfKVMemory:
+            assert not self.cache.can_allocate(need), "extend refused what can_allocate allowed"
+            self._drop(item, finished=False)  # retract
+            return
+        slots = self.table.read(req.row, start, new_len)
         self.kv.write(slots, req.token_ids[start:new_len], start)
-        req.kv_len = req.alloc_len = new_len
+        self.cache.mark_computed(req, new_len)
 
     @precondition(lambda self: bool(self.live))
     @rule(i=st.integers(0, 99), tok=st.integers(0, 1), every=st.integers(1, 8),
@@ -205,8 +208,11 @@ class CacheMachine(RuleBasedStateMachine):
             return
         self.cache.check_integrity(x.req for x in self.live)
         s = self.cache.stats()
-        for name in ("revived_tokens", "dedup_tokens", "window_miss_tokens", "hit_tokens"):
+        for name in ("revived_tokens", "dedup_tokens"):
             if getattr(s, name) and currently_in_test_context():
+                event(f"{name} > 0")
+        for name in ("window_miss_tokens", "hit_tokens"):
+            if getattr(self, name) and currently_in_test_context():
                 event(f"{name} > 0")
         for item in self.live:
             req = item.req
@@ -267,9 +273,10 @@ def test_random_walk(cfg: tuple[int, int, bool], seed: int) -> None:
     s = m.cache.stats()
     m.teardown()
     if not cfg[2]:
-        assert s.hit_tokens > 0
-        for name in ("dedup_tokens", "revived_tokens", "window_miss_tokens"):
+        assert m.hit_tokens > 0
+        for name in ("dedup_tokens", "revived_tokens"):
             WALK_TOTALS[name] += getattr(s, name)
+        WALK_TOTALS["window_miss_tokens"] += m.window_miss_tokens
     WALK_TOTALS["walks"] += 1
 
 

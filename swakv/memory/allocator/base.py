@@ -32,7 +32,13 @@ class OutOfKVMemory(Exception):
 
 
 class InvalidFree(Exception):
-    """Freeing a page that is not allocated (already free, page 0, or out of range)."""
+    """Freeing a page that is not allocated (already free, page 0, or out of range), or
+    naming a page (or slot) twice in one free (within a call or across a batch)."""
+
+
+class KVInvariantError(Exception):
+    """An internal invariant of the KV bookkeeping is broken: a bug in the caller, not a
+    capacity problem. Nothing was changed when it is raised."""
 
 
 def as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -58,6 +64,9 @@ class PageFreeList:
         self._count = num_pages
         self._is_free = np.ones(num_pages + 1, dtype=np.bool_)
         self._is_free[0] = False
+        # Scratch for the repeat check of `validate_give`: mark[page] = its last index in
+        # the call. Contents between calls are meaningless.
+        self._mark = np.zeros(num_pages + 1, dtype=np.int64)
 
     @property
     def num_free(self) -> int:
@@ -83,7 +92,11 @@ class PageFreeList:
         return torch.from_numpy(pages)
 
     def validate_give(self, pages: torch.Tensor | np.ndarray) -> None:
-        """Raise InvalidFree unless every page in `pages` is allocated."""
+        """Raise InvalidFree unless the pages are distinct and every one is allocated.
+
+        The repeat check is O(len(pages)) without sorting: each page records the index
+        of its last occurrence, so an earlier occurrence of a repeated page disagrees.
+        """
         pages = as_numpy(pages)
         if pages.size == 0:
             return
@@ -93,6 +106,12 @@ class PageFreeList:
         already = self._is_free[pages]
         if already.any():
             raise InvalidFree(f"pages already free: {pages[already][:8].tolist()}")
+        if pages.size > 1:
+            order = np.arange(pages.size, dtype=np.int64)
+            self._mark[pages] = order
+            repeated = self._mark[pages] != order
+            if repeated.any():
+                raise InvalidFree(f"pages named twice in one free: {pages[repeated][:8].tolist()}")
 
     def give(self, pages: torch.Tensor | np.ndarray) -> None:
         """Return distinct allocated pages to the free list (validated first)."""
@@ -160,14 +179,19 @@ class BaseAllocator(ABC):
         return self.pages.num_free * self.page_size
 
     def pages_of(self, slots: torch.Tensor) -> np.ndarray:
-        """Distinct pages holding `slots`, which list each page's slots together.
+        """Pages holding `slots`, one entry per run of slots in the same page.
 
         Every caller frees runs of positions (a request's row range, a tree node's
-        value, or several such runs concatenated), so repeats are adjacent and a
-        sort-free adjacent dedup suffices. A page repeated non-adjacently is a
-        double free by the caller; `check_integrity` reports it as a duplicate.
+        value), so a page's slots are adjacent and strictly increasing (a page fills in
+        position order); a sort-free adjacent dedup gives its pages. A slot named twice
+        inside a run raises InvalidFree here; a page named again later (a second run)
+        stays in the result and `PageFreeList.validate_give` rejects the repeat.
         """
-        pages = as_numpy(slots) // self.page_size
+        slots = as_numpy(slots)
+        pages = slots // self.page_size
         if pages.size > 1:
-            pages = pages[np.concatenate(([True], pages[1:] != pages[:-1]))]
+            same_page = pages[1:] == pages[:-1]
+            if (same_page & (slots[1:] <= slots[:-1])).any():
+                raise InvalidFree("a slot is named twice (or out of order) within one page")
+            pages = pages[np.concatenate(([True], ~same_page))]
         return pages

@@ -21,6 +21,7 @@ import torch
 from swakv.memory.allocator.base import (
     BaseAllocator,
     InvalidFree,
+    KVInvariantError,
     OutOfKVMemory,
     PageFreeList,
     as_numpy,
@@ -95,21 +96,23 @@ class SWAAllocator:
         """Full slots for positions [prefix_len, seq_len) of one request.
 
         `last_slot` is the full slot of position prefix_len - 1; when prefix_len is not
-        page aligned its page is continued in both pools. If that page has no SWA page
-        (should not happen under the frontier rule) one is mapped for it.
+        page aligned its page is continued in both pools. That page must hold live SWA
+        (the frontier rule never frees the SWA of a partially filled page): if it does
+        not, its earlier positions have no SWA KV and mapping a fresh page would let
+        them read uninitialised KV as valid, so KVInvariantError is raised instead.
         """
         if seq_len < prefix_len:
             raise ValueError(f"seq_len {seq_len} < prefix_len {prefix_len}")
-        n_new = self.full.new_pages_for_extend(prefix_len, seq_len)
-        remap = None
         if prefix_len % self.page_size and seq_len > prefix_len:
             page = int(last_slot) // self.page_size  # type: ignore[arg-type]
             if int(self._map[page]) == 0:
-                remap = np.array([page], dtype=np.int64)
-        self._check(n_new, n_new + (remap is not None))
+                raise KVInvariantError(
+                    f"alloc_extend from {prefix_len}: the partially filled full page {page} "
+                    "has no SWA page (its SWA was freed below the frontier rule)")
+        n_new = self.full.new_pages_for_extend(prefix_len, seq_len)
+        self._check(n_new, n_new)
         slots, new_pages = self.full.extend_slots(prefix_len, seq_len, last_slot)
-        new_pages = new_pages.numpy()
-        self._map_new(new_pages if remap is None else np.concatenate((remap, new_pages)))
+        self._map_new(new_pages.numpy())
         return slots
 
     def alloc_decode(self, cur_lens: torch.Tensor, last_slots: torch.Tensor) -> torch.Tensor:
@@ -196,9 +199,16 @@ class SWAAllocator:
             frees, swa_frees = self._pending_free, self._pending_free_swa
             self._pending_free = self._pending_free_swa = None
             if swa_frees:
-                self._free_swa_pages(self.full.pages_of(_concat(swa_frees)))
+                self._free_swa_pages(self._pages_of_calls(swa_frees))
             if frees:
-                self._free_pages(self.full.pages_of(_concat(frees)))
+                self._free_pages(self._pages_of_calls(frees))
+
+    def _pages_of_calls(self, slot_lists: list[torch.Tensor]) -> np.ndarray:
+        """Pages of several batched calls, call by call: a page two calls both name stays
+        twice in the result, so the free rejects it as a double free."""
+        if len(slot_lists) == 1:
+            return self.full.pages_of(slot_lists[0])
+        return np.concatenate([self.full.pages_of(x) for x in slot_lists])
 
     def move_swa(self, dst_full_slots: torch.Tensor, src_full_slots: torch.Tensor) -> None:
         """Hand the SWA pages of `src`'s full pages over to `dst`'s full pages.
@@ -247,7 +257,3 @@ class SWAAllocator:
         assert mapped.numel() == int(torch.unique(mapped).numel()), "two full pages share an SWA page"
         assert not bool(self.swa.is_free_mask()[mapped].any()), "a mapped SWA page is free"
         assert self.swa.num_free + mapped.numel() == self.swa.num_pages, "SWA pages leaked"
-
-
-def _concat(slot_lists: list[torch.Tensor]) -> np.ndarray:
-    return np.concatenate([as_numpy(x) for x in slot_lists])
