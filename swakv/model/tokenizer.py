@@ -155,13 +155,15 @@ class Tokenizer:
         """Token ids of `text`, with `bos_id` first when `add_bos` and one exists.
 
         Lone surrogates (not encodable as UTF-8, e.g. from JSON "\\ud800") are
-        tokenized as "?".
+        tokenized as "?". Goes through `encode_batch`, which releases the GIL while
+        it works (`encode` holds it: a 4 MiB prompt would stall every other thread,
+        the server's event loop included, for seconds); the ids are the same.
         """
         try:
-            ids = self._tok.encode(text, add_special_tokens=False).ids
+            ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         except TypeError:
             clean = text.encode("utf-8", "replace").decode("utf-8")
-            ids = self._tok.encode(clean, add_special_tokens=False).ids
+            ids = self._tok.encode_batch([clean], add_special_tokens=False)[0].ids
         if add_bos and self.bos_id is not None:
             return [self.bos_id, *ids]
         return list(ids)

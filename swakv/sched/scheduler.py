@@ -143,8 +143,8 @@ class Scheduler:
                 self._retract(self._victim())
             else:
                 dropped.append(self._drop(decoding[0]))
+        self._touched += decoding  # before the call: if it raises, these are the step's
         self.cache.decode(kvs)
-        self._touched += decoding
         return [ScheduledItem(r, r.kv.kv_len, 1) for r in decoding]
 
     # ---- prefill --------------------------------------------------------------------
@@ -155,8 +155,9 @@ class Scheduler:
         n = min(req.num_tokens_to_compute, budget)
         if not self._make_room(self.cache.extend_need(kv, n)):
             return None
+        if req not in self._touched:
+            self._touched.append(req)
         self.cache.extend(kv, n)
-        self._touched.append(req)
         return ScheduledItem(req, kv.kv_len, n)
 
     def _admit(self, req: Request, budget: int) -> ScheduledItem | None:

@@ -115,3 +115,41 @@ def scrape(url: str, headers: dict | None = None) -> dict[str, float]:
 
 def pool(metrics: dict[str, float], pool_name: str, state: str) -> float:
     return metrics[f'swakv_kv_pool_tokens{{pool="{pool_name}",state="{state}"}}']
+
+
+class InProcessServer:
+    """A real uvicorn server on 127.0.0.1 in a background thread of this process, for
+    tests that need to reach into the engine (fault injection) while clients talk
+    HTTP over loopback:
+
+        with InProcessServer(app) as srv:
+            httpx.get(srv.url + "/health")
+    """
+
+    def __init__(self, app, startup_timeout: float = 30.0) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        config = uvicorn.Config(app, host=HOST, port=self.port, log_level="warning",
+                                lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)  # off the main thread: no signal handlers
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + startup_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("in-process server did not start")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def __enter__(self) -> InProcessServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

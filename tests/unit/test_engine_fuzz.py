@@ -68,12 +68,16 @@ def test_random_workloads_finish(tiny_dir, page, chunk, full_pages_extra, swa_pa
         for r, abort_at in live:
             if abort_at is not None and abort_at == steps and not r.is_finished:
                 assert eng.abort(r.request_id)
+        ran, ended = eng.metrics.num_steps, eng.metrics.num_finished
         eng.step()
         eng.check_integrity()
+        if eng.has_unfinished():  # no silent spin: each step runs a batch or ends requests
+            assert eng.metrics.num_steps > ran or eng.metrics.num_finished > ended
         steps += 1
         assert steps < 2000, "no progress: deadlock or livelock"
     for r, _ in live:
         assert r.is_finished
+        assert r.finish_reason.value != "error", r.error
         if r.finish_reason.value != "abort":
             assert r.num_output_tokens == r.params.max_tokens
     eng.flush_cache()
