@@ -10,9 +10,10 @@ requests. Two modes (`TransferMode`):
   Prealloc.staging_offset), and the receiver unpacks it into its pages when
   KVWritten.staged says so.
 AUTO (the default) stages when the mean descriptor is below
-STAGING_MAX_MEAN_DESCRIPTOR_BYTES: on loopback TCP every descriptor costs ~25 µs
+STAGING_MAX_MEAN_DESCRIPTOR_BYTES: on loopback TCP every descriptor costs ~23 µs
 whatever its size, so fragmented page lists go faster staged and contiguous ones as
-descriptors (measurement below and in bench/pd_transfer.py).
+descriptors (measurement below; bench/pd_transfer.py). Over RDMA descriptors are
+nearly free: use TransferMode.DESCRIPTORS there (not measured here).
 
 Packed layout of one request: for each full tensor in region order its span's
 tokens in position order (tokens x slot bytes), then the same for each SWA tensor;
@@ -48,13 +49,18 @@ class TransferMode(StrEnum):
     AUTO = "auto"
 
 
-# AUTO stages a request when its mean descriptor is smaller than this. Measured on
-# loopback TCP, Gemma 3 270M layout, L = 6144 (26.7 MB), page lists in runs of k
-# pages (bench/pd_transfer.py, median ms, descriptors vs staging): k=1 (8 KiB) 84.9
-# vs 23.2, k=2 44.2 vs 19.4, k=4 (32 KiB) 23.6 vs 19.7, k=6 (48 KiB) 17.5 vs 20.0,
-# k=8 19.3 vs 19.3, k=32 15.2 vs 19.0; one contiguous run per tensor 13.0 vs 19.3.
+# AUTO stages a request when its mean descriptor is smaller than this. Measured with
+# bench/pd_transfer.py (loopback TCP, 2 shared CPU cores, one torch thread per side,
+# Gemma 3 270M layout, median ms from send to the receiver's ack, descriptors vs
+# staging). L = 6144 (26.7 MB), page lists in runs of k pages: k=1 (8 KiB per
+# descriptor) 89.9 vs 21.7; k=2 46.4 vs 22.6; k=4 (32 KiB) 25.8 vs 22.1; k=6 (48 KiB)
+# 19.0 vs 20.9; k=16 16.8 vs 24.1; k=32 13.2 vs 21.6. Real allocator states:
+# contiguous pools 14.4 vs 21.7 (L=6144), 10.7 vs 17.0 (L=1024); churned pools
+# (24 KiB mean) 36.7 vs 21.4 and 33.3 vs 15.2; scattered 87.8 vs 22.2 and 37.0 vs 11.4.
+# Staging also costs the receiver its unpack (6 ms for L=6144 on one CPU thread).
 STAGING_MAX_MEAN_DESCRIPTOR_BYTES = 40 << 10
-STAGING_CHUNK_BYTES = 4 << 20  # staged bytes per descriptor: a few chunks use parallel lanes
+# staged bytes per descriptor: 1, 4, 16 and 64 MiB measured within noise (21.5-24 ms)
+STAGING_CHUNK_BYTES = 4 << 20
 STAGING_ALIGNMENT = 4096
 
 
