@@ -20,6 +20,7 @@ staged is decided above this layer (swakv/disagg/kv_transfer.py).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import logging
 import queue
 import threading
@@ -286,6 +287,14 @@ class _PeerWorker:
         return None
 
 
+def _host_only_mooncake() -> bool:
+    try:
+        importlib.metadata.version("mooncake-transfer-engine-non-cuda")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 class MooncakeBackend(TransferBackend):
     """Mooncake Transfer Engine with a P2P handshake (no metadata server).
 
@@ -321,6 +330,10 @@ class MooncakeBackend(TransferBackend):
 
     def register(self, tensors: Sequence[torch.Tensor]) -> str:
         for t in tensors:
+            if t.device.type != "cpu" and _host_only_mooncake():
+                raise TransferError(
+                    f"a {t.device} tensor cannot be registered with the CPU-only Mooncake "
+                    "build (mooncake-transfer-engine-non-cuda): install mooncake-transfer-engine")
             region = TensorRegion.of(t)  # contiguous, so [addr, addr + nbytes) is the tensor
             if region.addr in self._registered:
                 continue

@@ -58,6 +58,7 @@ from swakv.disagg.transfer import (
     TransferBackend,
     TransferBackendUnavailable,
     TransferClosed,
+    TransferError,
     TransferFailed,
     load_mooncake_engine,
 )
@@ -222,6 +223,22 @@ def test_mooncake_two_processes_move_exact_bytes(monkeypatch) -> None:
             child.kill()
     with pytest.raises(TransferClosed):
         backend.write(remote.peer, descs)
+
+
+def test_mooncake_refuses_device_tensors_in_the_cpu_only_build(monkeypatch) -> None:
+    monkeypatch.setenv("MC_LOG_LEVEL", "ERROR")
+    backend = MooncakeBackend()
+    try:
+        with pytest.raises(TransferError, match="cannot be registered with the CPU-only"):
+            backend.register([torch.zeros(4, device="meta")])
+        host = torch.zeros(4096, dtype=torch.uint8)
+        assert backend.register([host, host]) == backend.session_id  # twice: no-op
+        with pytest.raises(TransferError, match="must be 'host:port'"):
+            backend.connect("no-port")
+        with pytest.raises(TransferFailed, match="did not answer a probe"):
+            backend.connect("127.0.0.1:1")  # nothing listens there
+    finally:
+        backend.close()
 
 
 # ---- missing package or system library -------------------------------------------------
