@@ -16,12 +16,15 @@ src [5, 6, 7, 9], dst [20, 21, 30, 31] -> runs (5->20, 2 pages), (7->30, 1 page)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from swakv.disagg.plan import PageSpan, TransferPlan, host_int64
+
+if TYPE_CHECKING:
+    from swakv.memory.kv_pool import KVPool
 
 POOLS = ("full", "swa")
 DEFAULT_MAX_SLICES = 1024  # Mooncake TCP: MC_TCP_MAX_QUEUED_TRANSFERS_PER_PEER default
@@ -71,7 +74,7 @@ class KVRegions:
     swa: tuple[TensorRegion, ...]
 
     @classmethod
-    def of(cls, pool) -> KVRegions:
+    def of(cls, pool: KVPool) -> KVRegions:
         """Regions of a `swakv.memory.kv_pool.KVPool`."""
         full, swa = kv_tensors(pool)
         return cls.of_tensors(pool.allocator.page_size, full, swa)
@@ -106,7 +109,7 @@ class KVRegions:
                         f"{name} tensor {i}: {a.slot_nbytes} vs {b.slot_nbytes} bytes per slot")
 
 
-def kv_tensors(pool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def kv_tensors(pool: KVPool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A KVPool's tensors in region order: ([K0, V0, K1, V1, ...] full, same for SWA)."""
     full = [t for kv in zip(pool.full_k, pool.full_v) for t in kv]
     swa = [t for kv in zip(pool.swa_k, pool.swa_v) for t in kv]

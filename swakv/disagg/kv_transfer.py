@@ -25,6 +25,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,6 +42,9 @@ from swakv.disagg.descriptors import (
 )
 from swakv.disagg.plan import TransferPlan
 from swakv.disagg.transfer import TransferBackend, TransferError, TransferHandle
+
+if TYPE_CHECKING:
+    from swakv.memory.kv_pool import KVPool
 
 
 class TransferMode(StrEnum):
@@ -177,7 +181,7 @@ class KVSend:
     staged: bool  # the receiver must unpack its staging range (KVWritten.staged)
 
 
-def _register_kv(backend: TransferBackend, pool, staging: StagingArea | None) -> str:
+def _register_kv(backend: TransferBackend, pool: KVPool, staging: StagingArea | None) -> str:
     full, swa = kv_tensors(pool)
     return backend.register([*full, *swa, *([staging.tensor] if staging is not None else [])])
 
@@ -189,7 +193,7 @@ class KVSender:
     `peer_info` is what the backend returned.
     """
 
-    def __init__(self, backend: TransferBackend, pool, staging: StagingArea | None = None,
+    def __init__(self, backend: TransferBackend, pool: KVPool, staging: StagingArea | None = None,
                  mode: TransferMode = TransferMode.AUTO,
                  staging_chunk_bytes: int = STAGING_CHUNK_BYTES) -> None:
         self.backend, self.staging, self.mode = backend, staging, TransferMode(mode)
@@ -261,7 +265,8 @@ class KVReceiver:
     `peer_info` goes into this worker's Bootstrap.
     """
 
-    def __init__(self, backend: TransferBackend, pool, staging: StagingArea | None = None) -> None:
+    def __init__(self, backend: TransferBackend, pool: KVPool,
+                 staging: StagingArea | None = None) -> None:
         self.staging = staging
         self.tensors = kv_tensors(pool)
         self.regions = KVRegions.of(pool)

@@ -35,6 +35,9 @@ from swakv.disagg.descriptors import KVRegions, LayoutMismatch, TensorRegion
 from swakv.disagg.plan import TransferPlan, plan_transfer
 from swakv.sampling_params import SamplingParams
 
+if typing.TYPE_CHECKING:
+    from swakv.memory.kv_pool import KVPool
+
 PROTOCOL_VERSION = 1
 
 
@@ -76,7 +79,7 @@ class KVRegistration:
             raise ValueError("regions do not hold K and V of every layer")
 
     @classmethod
-    def of(cls, pool, staging: TensorRegion | None = None) -> KVRegistration:
+    def of(cls, pool: KVPool, staging: TensorRegion | None = None) -> KVRegistration:
         """Registration of a `swakv.memory.kv_pool.KVPool` (and its staging area region)."""
         layout = pool.layout
         return cls(
