@@ -5,7 +5,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+# System libraries: Mooncake (the PD transfer engine) loads libibverbs.so.1 even for TCP.
+SYSLIBS := $(VENV)/.syslibs
+
+$(SYSLIBS):
+	@ldconfig -p | grep -q 'libibverbs.so.1 ' || { \
+	  echo "installing Debian package libibverbs1 (needed by the Mooncake transfer engine)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q libibverbs1; }
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP): pyproject.toml $(SYSLIBS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
