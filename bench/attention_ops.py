@@ -16,6 +16,11 @@ attention), GFLOPS (4 * heads * head_dim * visible query-key pairs / time) and G
 
     python bench/attention_ops.py [--impl auto|torch] [--threads 2] [--reps 20]
                                   [--out bench/results/attention_ops.json]
+
+`--e2e` instead times whole engine steps on the real model in bf16 (build_engine +
+add_request + step, prefix cache off): one request decoding at 1k and at 24k context
+(its prefill time too), and 64 requests (contexts in [1k, 2k)) decoding together.
+It uses only the engine's public API, so it also runs against other checkouts.
 """
 
 from __future__ import annotations
@@ -134,6 +139,60 @@ CASES = {
 }
 
 
+def e2e_case(engine, prompts: list[list[int]], steps: int) -> dict:
+    """Prefill `prompts` (timed), then time `steps` decode steps; median ms per step."""
+    from swakv.sampling_params import SamplingParams
+
+    # long enough that no request finishes before the timed steps (aborted after)
+    params = SamplingParams(temperature=0.0, max_tokens=4096, ignore_eos=True)
+    reqs = [engine.add_request(p, params) for p in prompts]
+    t0 = time.perf_counter()
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs):
+        engine.step()
+    prefill_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t1 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t1)
+    for r in reqs:
+        engine.abort(r.request_id)
+    tokens = sum(len(p) for p in prompts)
+    return {"batch": len(prompts), "context": tokens // len(prompts), "prefill_s": prefill_s,
+            "prefill_tok_s": tokens / prefill_s, "decode_step_ms": statistics.median(times) * 1e3}
+
+
+def run_e2e(threads: int, names: list[str], out: Path) -> None:
+    from swakv.config import EngineConfig
+    from swakv.engine.build import build_engine
+
+    cfg = EngineConfig(dtype="bfloat16", kv_memory=3 << 30, num_threads=threads,
+                       enable_prefix_cache=False, max_running_requests=64)
+    engine = build_engine(None, cfg)
+    g = torch.Generator().manual_seed(0)
+    vocab = engine.spec.vocab_size
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    b64 = torch.randint(1024, 2048, (64,), generator=g).tolist()
+    cases = {"decode_b1_1k": ([prompt(1024)], 10), "decode_b1_24k": ([prompt(24576)], 10),
+             "decode_b64_1.5k": ([prompt(n) for n in b64], 5)}
+    results = []
+    with torch.inference_mode():
+        for name in names:
+            prompts, steps = cases[name]
+            results.append({"case": name, **e2e_case(engine, prompts, steps)})
+            print(results[-1], flush=True)
+    print(f"{'case':<18}{'prefill_tok_s':>15}{'decode_step_ms':>16}")
+    for r in results:
+        print(f"{r['case']:<18}{r['prefill_tok_s']:>15.0f}{r['decode_step_ms']:>16.2f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": {"threads": threads, "torch": torch.__version__},
+                               "results": results}, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impl", choices=["auto", "torch"], default="auto")
@@ -142,8 +201,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--out", default="bench/results/attention_ops.json")
+    ap.add_argument("--e2e", action="store_true", help="time engine steps on the real model")
+    ap.add_argument("--e2e-cases", default="decode_b1_1k,decode_b1_24k,decode_b64_1.5k")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.e2e:
+        run_e2e(args.threads, args.e2e_cases.split(","), Path(args.out))
+        return
     dtype = getattr(torch, args.dtype)
     if hasattr(attention, "set_backend"):
         attention.set_backend(args.impl)

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -112,12 +113,18 @@ def cpu_kernels_available() -> bool:
     """Load (building if needed) the kernels once per process; False on any failure."""
     if os.environ.get("SWAKV_DISABLE_KERNELS") == "1":
         return False
-    if hasattr(torch.ops.swakv, "paged_decode"):  # loaded by an earlier call or a test
+    if hasattr(torch.ops.swakv, "paged_decode"):  # already loaded in this process
         return True
+    return try_load(build)
+
+
+def try_load(builder: Callable[[], Path]) -> bool:
+    """Load the library `builder` returns; on failure log one warning and return False."""
     try:
-        torch.ops.load_library(str(build()))
+        torch.ops.load_library(str(builder()))
     except (KernelBuildError, OSError, RuntimeError, subprocess.SubprocessError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
         log.warning("swakv: C++ attention kernels unavailable, using the torch path (%s)", first)
         return False
     return True

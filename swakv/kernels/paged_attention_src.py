@@ -93,6 +93,23 @@ static inline void store_row(const float* src, c10::BFloat16* dst, int64_t n) {
   }
 }
 
+static inline void store_row_scaled(const float* src, float mul, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * mul;
+}
+
+static inline void store_row_scaled(const float* src, float mul, c10::BFloat16* dst, int64_t n) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = src[i] * mul;
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof(bits));
+    bits += 0x7FFFu + ((bits >> 16) & 1u);  // round to nearest even (inputs finite)
+    d[i] = static_cast<uint16_t>(bits >> 16);
+  }
+}
+
 static inline float dot(const float* a, const float* b, int64_t n) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
@@ -265,8 +282,9 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp
       float* part = &partial[(c * KVH + h) * G * stride];
       for (int64_t g = 0; g < G; ++g) {
         float* sg = &s[g * kChunk];
-        float m = sg[0];
-        for (int64_t j = 1; j < n; ++j) m = std::max(m, sg[j]);
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < n; ++j) m = sg[j] > m ? sg[j] : m;
         float l = 0.0f;
 #pragma omp simd reduction(+ : l)
         for (int64_t j = 0; j < n; ++j) {
@@ -360,25 +378,23 @@ void softmax_impl(at::Tensor& scores, int64_t group, int64_t rows_per_kv_head, i
       }
       const int64_t n = hi - lo;
       load_row(row + lo, x.data(), n);
-      float m = -INFINITY;
       if (softcap > 0.0f) {
         for (int64_t j = 0; j < n; ++j) x[j] = std::tanh(x[j] * scale / softcap) * softcap;
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) x[j] *= scale;
       }
-      for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+      float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
       float l = 0.0f;
 #pragma omp simd reduction(+ : l)
       for (int64_t j = 0; j < n; ++j) {
         x[j] = exp_nonpos(x[j] - m);
         l += x[j];
       }
-      const float inv = 1.0f / l;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) x[j] *= inv;
       std::fill(row, row + lo, zero);
-      store_row(x.data(), row + lo, n);
+      store_row_scaled(x.data(), 1.0f / l, row + lo, n);
       std::fill(row + hi, row + N, zero);
     }
   });

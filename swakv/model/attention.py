@@ -40,7 +40,7 @@ from swakv.kernels.cpu_build import cpu_kernels_available
 from swakv.memory.allocator.swa import SWAAllocator
 from swakv.memory.kv_pool import KVPool
 
-EXTEND_BLOCK = 256  # most queries per extend block
+EXTEND_BLOCK = 128  # most queries per extend block
 # most query-key pairs per extend block: bounds the scores buffer (x heads) of long
 # full-attention prefixes; blocks keep at least MIN_EXTEND_BLOCK queries
 EXTEND_BLOCK_PAIRS = 1 << 18
@@ -405,33 +405,43 @@ def _extend(
 ) -> None:
     """Attention of one extend item's queries, written into out[tok_lo:tok_hi] per block.
 
-    Rows of a block's stacked query matrix are (query i, head g in the KV head's group):
-    row i * G + g, so that for one KV head it is q[block] viewed as [nq * G, D]."""
+    Per KV head h, a block's stacked query matrix [nq * G, D] has row i * G + g for
+    query i and head h * G + g; every GEMM is 2-D over row-strided views of the
+    gathered keys (no per-block copies)."""
     _, heads, dim = q.shape
     kv_heads = kb.shape[1]
     group = heads // kv_heads
     slots = item.key_slots.to(kb.device)
-    k_all = kb.index_select(0, slots).to(q.dtype).permute(1, 2, 0)  # [kvh, D, K]
-    v_all = vb.index_select(0, slots).to(q.dtype).transpose(0, 1)  # [kvh, K, D]
+    k_all = kb.index_select(0, slots).to(q.dtype)  # [K, kvh, D]
+    v_all = vb.index_select(0, slots).to(q.dtype)
     for blk in item.blocks:
         nq = blk.tok_hi - blk.tok_lo
-        qs = q[blk.tok_lo : blk.tok_hi].view(nq, kv_heads, group, dim).transpose(0, 1)
-        qs = qs.reshape(kv_heads, nq * group, dim)
-        scores = torch.matmul(qs, k_all[:, :, blk.key_lo : blk.key_hi])  # [kvh, nq * G, Kb]
-        num_keys = blk.key_hi - blk.key_lo
-        if kernels:
-            probs = torch.ops.swakv.masked_softmax_(
-                scores.view(-1, num_keys), group, nq * group, blk.q_pos, blk.key_pos,
-                blk.window or 0, scale, softcap or 0.0,
-            ).view(kv_heads, nq * group, num_keys)
-        else:
-            s = scores.float() * scale
-            if softcap is not None:
-                s = torch.tanh(s / softcap) * softcap
-            if blk.mask is not None:
-                hidden = ~blk.mask.to(s.device)
-                s = s.view(kv_heads, nq, group, num_keys).masked_fill(hidden[None, :, None, :], float("-inf"))
-                s = s.view(kv_heads, nq * group, num_keys)
-            probs = torch.softmax(s, dim=-1).to(q.dtype)
-        o = torch.matmul(probs, v_all[:, blk.key_lo : blk.key_hi])  # [kvh, nq * G, D]
-        out[blk.tok_lo : blk.tok_hi] = o.view(kv_heads, nq, group * dim).transpose(0, 1).reshape(nq, heads * dim)
+        q_blk = q[blk.tok_lo : blk.tok_hi].view(nq, kv_heads, group, dim)
+        out_blk = out[blk.tok_lo : blk.tok_hi].view(nq, kv_heads, group * dim)
+        for h in range(kv_heads):
+            qs = q_blk[:, h].reshape(nq * group, dim)
+            k_h = k_all[blk.key_lo : blk.key_hi, h]  # [Kb, D], rows kvh * D apart
+            scores = torch.mm(qs, k_h.t())  # [nq * G, Kb]
+            if kernels:
+                probs = torch.ops.swakv.masked_softmax_(
+                    scores, group, nq * group, blk.q_pos, blk.key_pos, blk.window or 0,
+                    scale, softcap or 0.0,
+                )
+            else:
+                probs = _masked_softmax(scores, blk, group, scale, softcap).to(q.dtype)
+            out_blk[:, h] = torch.mm(probs, v_all[blk.key_lo : blk.key_hi, h]).view(nq, group * dim)
+
+
+def _masked_softmax(
+    scores: torch.Tensor, blk: ExtendBlock, group: int, scale: float, softcap: float | None
+) -> torch.Tensor:
+    """Torch path of `swakv.masked_softmax_`: fp32 probabilities [nq * G, Kb]."""
+    s = scores.float() * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if blk.mask is not None:
+        num_keys = s.shape[-1]
+        hidden = ~blk.mask.to(s.device)
+        s = s.view(-1, group, num_keys).masked_fill(hidden[:, None, :], float("-inf"))
+        s = s.view(-1, num_keys)
+    return torch.softmax(s, dim=-1)
