@@ -21,18 +21,19 @@ lazily once per forward: padding columns repeat the query's own slot (always wri
 finite) and are masked with -inf, so a masked column never injects NaN.
 
 Extends (n_i > 1) gather the item's key range once per layer and run blocks of
-queries as two GEMMs with the query heads of a KV head stacked:
-scores [kv_heads, G * nq, K] = Q [kv_heads, G * nq, D] x K^T, where each block's key
-range is exactly the positions its queries see. The softmax runs in fp32 and touches
-only each row's visible columns (C++ `swakv.masked_softmax_` on CPU; a boolean mask
-on the torch path).
+queries as two GEMMs per KV head with the G query heads sharing it stacked:
+scores [G * nq, K] = Q [G * nq, D] x K^T, where each block's key range is exactly the
+positions its queries see. Scores and softmax are fp32 (bf16 on CPU: the C++
+`swakv.qk_scores_bf16` dot kernel; elsewhere an fp32 GEMM); the softmax touches only
+each row's visible columns (C++ `swakv.masked_softmax_out` on CPU; a boolean mask on
+the torch path); P x V runs in q's dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 
 import torch
 
@@ -406,37 +407,49 @@ def _extend(
     """Attention of one extend item's queries, written into out[tok_lo:tok_hi] per block.
 
     Per KV head h, a block's stacked query matrix [nq * G, D] has row i * G + g for
-    query i and head h * G + g; every GEMM is 2-D over row-strided views of the
-    gathered keys (no per-block copies)."""
+    query i and head h * G + g. Scores are fp32 (bf16 inputs: exact products summed in
+    fp32 by the C++ bf16 dot kernel over keys packed once per item, or an fp32 GEMM);
+    probabilities are cast to q's dtype for the P x V GEMM. Keys are read through
+    row-strided views of the item's gathered rows (no per-block copies)."""
     _, heads, dim = q.shape
     kv_heads = kb.shape[1]
     group = heads // kv_heads
     slots = item.key_slots.to(kb.device)
     k_all = kb.index_select(0, slots).to(q.dtype)  # [K, kvh, D]
     v_all = vb.index_select(0, slots).to(q.dtype)
-    for blk in item.blocks:
-        nq = blk.tok_hi - blk.tok_lo
-        q_blk = q[blk.tok_lo : blk.tok_hi].view(nq, kv_heads, group, dim)
-        out_blk = out[blk.tok_lo : blk.tok_hi].view(nq, kv_heads, group * dim)
-        for h in range(kv_heads):
-            qs = q_blk[:, h].reshape(nq * group, dim)
-            k_h = k_all[blk.key_lo : blk.key_hi, h]  # [Kb, D], rows kvh * D apart
-            scores = torch.mm(qs, k_h.t())  # [nq * G, Kb]
+    bf16_dot = kernels and q.dtype == torch.bfloat16 and _bf16_dot_supported()
+    for h in range(kv_heads):
+        packed = torch.ops.swakv.pack_keys_bf16(k_all[:, h]) if bf16_dot else None
+        for blk in item.blocks:
+            nq = blk.tok_hi - blk.tok_lo
+            qs = q[blk.tok_lo : blk.tok_hi, h * group : (h + 1) * group].reshape(nq * group, dim)
+            if packed is not None:
+                scores = torch.ops.swakv.qk_scores_bf16(qs, packed, blk.key_lo, blk.key_hi)
+            else:
+                k_h = k_all[blk.key_lo : blk.key_hi, h]  # [Kb, D], rows kvh * D apart
+                scores = torch.mm(qs.float(), k_h.float().t())  # [nq * G, Kb]
             if kernels:
-                probs = torch.ops.swakv.masked_softmax_(
-                    scores, group, nq * group, blk.q_pos, blk.key_pos, blk.window or 0,
+                dst = scores if scores.dtype == q.dtype else torch.empty_like(scores, dtype=q.dtype)
+                probs = torch.ops.swakv.masked_softmax_out(
+                    scores, dst, group, nq * group, blk.q_pos, blk.key_pos, blk.window or 0,
                     scale, softcap or 0.0,
                 )
             else:
                 probs = _masked_softmax(scores, blk, group, scale, softcap).to(q.dtype)
-            out_blk[:, h] = torch.mm(probs, v_all[blk.key_lo : blk.key_hi, h]).view(nq, group * dim)
+            o = torch.mm(probs, v_all[blk.key_lo : blk.key_hi, h])  # [nq * G, D]
+            out[blk.tok_lo : blk.tok_hi, h * group * dim : (h + 1) * group * dim] = o.view(nq, group * dim)
+
+
+@cache
+def _bf16_dot_supported() -> bool:
+    return bool(torch.ops.swakv.bf16_dot_supported())
 
 
 def _masked_softmax(
     scores: torch.Tensor, blk: ExtendBlock, group: int, scale: float, softcap: float | None
 ) -> torch.Tensor:
-    """Torch path of `swakv.masked_softmax_`: fp32 probabilities [nq * G, Kb]."""
-    s = scores.float() * scale
+    """Torch path of `swakv.masked_softmax_out`: fp32 probabilities [nq * G, Kb]."""
+    s = scores * scale
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     if blk.mask is not None:

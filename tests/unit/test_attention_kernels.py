@@ -160,10 +160,46 @@ def test_masked_softmax_kernel_rows_and_zeros() -> None:
         pos = q_pos0 + (r % (nq * group)) // group
         lo, hi = max(0, pos - window + 1 - k_pos0), pos + 1 - k_pos0
         expected[r, lo:hi] = torch.softmax(torch.tanh(scores[r, lo:hi] * 0.5 / 3.0) * 3.0, -1)
-    out = torch.ops.swakv.masked_softmax_(scores, group, nq * group, q_pos0, k_pos0, window, 0.5, 3.0)
+    out = torch.ops.swakv.masked_softmax_out(
+        scores, scores, group, nq * group, q_pos0, k_pos0, window, 0.5, 3.0)
     assert out.data_ptr() == scores.data_ptr()
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
     assert (out[:, 0] == 0).all() and (out[-1, :4] == 0).all()
+
+
+def test_masked_softmax_kernel_fp32_scores_to_bf16_probs() -> None:
+    assert cpu_build.cpu_kernels_available()
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(8, 12, generator=g) * 20
+    out = torch.empty(8, 12, dtype=torch.bfloat16)
+    torch.ops.swakv.masked_softmax_out(scores, out, 1, 8, 4, 0, 0, 0.3, 0.0)
+    expected = torch.zeros(8, 12)
+    for r in range(8):
+        expected[r, : 5 + r] = torch.softmax(scores[r, : 5 + r] * 0.3, -1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=4e-3, rtol=8e-3)
+
+
+@pytest.mark.parametrize(("num_keys", "key_lo", "key_hi", "rows"),
+                         [(37, 0, 37, 13), (100, 5, 77, 9), (40, 17, 18, 8), (767, 3, 700, 130)])
+def test_bf16_dot_kernel_gives_fp32_scores(num_keys: int, key_lo: int, key_hi: int, rows: int) -> None:
+    """Exact bf16 products summed in fp32, for strided key rows and unaligned ranges."""
+    assert cpu_build.cpu_kernels_available()
+    if not torch.ops.swakv.bf16_dot_supported():
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            torch.ops.swakv.qk_scores_bf16(torch.zeros(1, 32, dtype=torch.bfloat16),
+                                           torch.zeros(1, 16, 16, 2, dtype=torch.bfloat16), 0, 1)
+        return
+    g = torch.Generator().manual_seed(num_keys)
+    keys = torch.randn(num_keys, 2, 64, generator=g).bfloat16()[:, 1]  # rows 128 apart
+    q = torch.randn(rows, 64, generator=g).bfloat16()
+    packed = torch.ops.swakv.pack_keys_bf16(keys)
+    assert packed.shape == ((num_keys + 15) // 16, 32, 16, 2)
+    assert packed[0, 3, 5].tolist() == keys[5, 6:8].tolist()
+    scores = torch.ops.swakv.qk_scores_bf16(q, packed, key_lo, key_hi)
+    ref = q.double() @ keys[key_lo:key_hi].double().t()
+    assert scores.dtype == torch.float32 and scores.shape == (rows, key_hi - key_lo)
+    torch.testing.assert_close(scores.double(), ref, atol=1e-4, rtol=1e-5)
 
 
 def test_paged_decode_rejects_mixed_dtypes() -> None:
