@@ -231,3 +231,18 @@ def test_missing_compiler_falls_back_with_one_warning(
     warnings = [r for r in caplog.records if r.name == "swakv.kernels"]
     assert len(warnings) == 1 and "using the torch path" in warnings[0].getMessage()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_set_backend_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="backend must be one of"):
+        attention.set_backend("flex")
+
+
+def test_torch_path_serves_a_mixed_batch_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the kernels unavailable (no compiler) attention still matches the reference."""
+    monkeypatch.setattr(attention, "cpu_kernels_available", lambda: False)
+    pool, table, alloc, items, hk, hv, q, k, v = _scenario(4, 9, 2, torch.float32, 5)
+    meta = build_attention_metadata(items, table.slots, alloc, 9)
+    assert meta.sliding is not None
+    out = attend(0, q, k, v, meta.sliding, pool, scale=0.4)
+    torch.testing.assert_close(out, _reference(q, hk, hv, 9, 0.4, None), atol=2e-5, rtol=2e-5)
