@@ -127,8 +127,12 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp
   T* od = out.data_ptr<T>();
 
   // unit u = (b, kv head, chunk): chunk_start[b] + c for c < num_chunks(b)
+  const int64_t R = table.size(0), S = kp.size(0), M = page_map.numel();
   std::vector<int64_t> chunk_start(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(0 <= rw[b] && rw[b] < R, "paged_decode: row out of range");
+    TORCH_CHECK(0 <= lo_p[b] && lo_p[b] < hi_p[b] && hi_p[b] <= C,
+                "paged_decode: key range must satisfy 0 <= key_lo < key_hi <= columns");
     const int64_t n = hi_p[b] - lo_p[b];
     chunk_start[b + 1] = chunk_start[b] + (n + kChunk - 1) / kChunk;
   }
@@ -140,6 +144,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp
   const int64_t stride = D + 2;
   std::vector<float> partial(num_chunks * KVH * G * stride);
 
+  std::atomic<bool> bad_slot{false};
   at::parallel_for(0, num_chunks * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), kf(D), s(G * kChunk), acc(G * D);
     std::vector<int64_t> slots(kChunk);
@@ -148,9 +153,17 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp
       const int64_t j0 = lo_p[b] + (c - chunk_start[b]) * kChunk;
       const int64_t n = std::min(kChunk, hi_p[b] - j0);
       const int64_t* row = tab + rw[b] * C;
+      bool ok = true;
       for (int64_t j = 0; j < n; ++j) {
         const int64_t full = row[j0 + j];
-        slots[j] = map ? map[full / page_size] * page_size + full % page_size : full;
+        const bool in_map = !map || (full >= 0 && full / page_size < M);
+        const int64_t slot = !in_map ? -1 : map ? map[full / page_size] * page_size + full % page_size : full;
+        ok &= 0 <= slot && slot < S;
+        slots[j] = ok ? slot : 0;
+      }
+      if (!ok) {  // a slot outside the pool: report after the loop, read nothing
+        bad_slot = true;
+        continue;
       }
       const T* qrows = qd + (b * H + h * G) * D;  // G consecutive heads share KV head h
       for (int64_t g = 0; g < G; ++g) load_row(qrows + g * D, &qf[g * D], D);
@@ -182,6 +195,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp
     }
   });
 
+  TORCH_CHECK(!bad_slot, "paged_decode: a key slot (after page mapping) is outside the pool");
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> o(D);
     for (int64_t bh = begin; bh < end; ++bh) {

@@ -43,6 +43,7 @@ COMMON_SOURCE = r"""
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

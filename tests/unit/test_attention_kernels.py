@@ -246,3 +246,22 @@ def test_torch_path_serves_a_mixed_batch_without_kernels(monkeypatch: pytest.Mon
     assert meta.sliding is not None
     out = attend(0, q, k, v, meta.sliding, pool, scale=0.4)
     torch.testing.assert_close(out, _reference(q, hk, hv, 9, 0.4, None), atol=2e-5, rtol=2e-5)
+
+
+def test_paged_decode_rejects_slots_and_ranges_outside_the_pool() -> None:
+    """A corrupt table raises instead of reading out of bounds."""
+    assert cpu_build.cpu_kernels_available()
+    pool = torch.zeros(8, 1, 32)
+    q = torch.zeros(1, 4, 32)
+    idx = torch.zeros(1, dtype=torch.int64)
+    no_map = torch.empty(0, dtype=torch.int64)
+    table = torch.tensor([[1, 2, 9, 3]])  # slot 9 is past the 8-slot pool
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        torch.ops.swakv.paged_decode(q, pool, pool, table, idx, idx, idx + 4, no_map, 1, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="outside the pool"):  # page 4 // 2 = 2 past the map
+        torch.ops.swakv.paged_decode(q, pool, pool, torch.tensor([[4]]), idx, idx, idx + 1,
+                                     torch.tensor([0, 1]), 2, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="key range"):
+        torch.ops.swakv.paged_decode(q, pool, pool, table, idx, idx, idx + 5, no_map, 1, 1.0, 0.0)
+    out = torch.ops.swakv.paged_decode(q, pool, pool, table, idx, idx, idx + 2, no_map, 1, 1.0, 0.0)
+    assert out.shape == (1, 128) and (out == 0).all()
