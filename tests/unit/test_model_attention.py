@@ -7,7 +7,13 @@ import torch
 
 from swakv.config import AttentionSpec, AttnKind, KVLayout
 from swakv.memory import KVPool, ReqTable, SWAAllocator
-from swakv.model.attention import UnmappedWindow, attend, build_attention_metadata
+from swakv.model.attention import (
+    EXTEND_BLOCK,
+    EXTEND_BLOCK_PAIRS,
+    UnmappedWindow,
+    attend,
+    build_attention_metadata,
+)
 from swakv.model.rope import RopeKey, apply_rope, inv_freq, rope_cos_sin
 
 NEG = float("-inf")
@@ -33,21 +39,27 @@ def test_metadata_decode_and_extend_exact_slots() -> None:
 
     dec = meta.full.decode
     assert dec is not None and dec.tokens == slice(0, 1) and dec.mask is None
+    assert (dec.rows.tolist(), dec.key_lo.tolist(), dec.key_hi.tolist()) == ([0], [0], [10])
     assert dec.key_slots.tolist() == [list(range(1, 11))]
     sdec = meta.sliding.decode
-    assert sdec is not None and sdec.key_slots.tolist() == [[7, 8, 9, 10]] and sdec.mask is None
+    assert sdec is not None and (sdec.key_lo.tolist(), sdec.key_hi.tolist()) == ([6], [10])
+    assert sdec.key_slots.tolist() == [[7, 8, 9, 10]] and sdec.mask is None
 
-    (full_blk,) = meta.full.extends
-    assert (full_blk.tok_lo, full_blk.tok_hi) == (1, 4)
-    assert full_blk.key_slots.tolist() == list(range(11, 19))
+    (full_item,) = meta.full.extends
+    assert full_item.key_pos == 0 and full_item.key_slots.tolist() == list(range(11, 19))
+    (full_blk,) = full_item.blocks
+    assert (full_blk.tok_lo, full_blk.tok_hi, full_blk.q_pos) == (1, 4, 5)
+    assert (full_blk.key_lo, full_blk.key_hi, full_blk.key_pos) == (0, 8, 0)
     assert full_blk.mask is not None
     assert full_blk.mask.int().tolist() == [
         [1, 1, 1, 1, 1, 1, 0, 0],
         [1, 1, 1, 1, 1, 1, 1, 0],
         [1, 1, 1, 1, 1, 1, 1, 1],
     ]
-    (swa_blk,) = meta.sliding.extends
-    assert swa_blk.key_slots.tolist() == list(range(13, 19))  # positions 2..7 only
+    (swa_item,) = meta.sliding.extends
+    assert swa_item.key_pos == 2 and swa_item.key_slots.tolist() == list(range(13, 19))  # 2..7
+    (swa_blk,) = swa_item.blocks
+    assert (swa_blk.key_lo, swa_blk.key_hi, swa_blk.key_pos) == (0, 6, 2)
     assert swa_blk.mask is not None
     assert swa_blk.mask.int().tolist() == [
         [1, 1, 1, 1, 0, 0],  # query 5 sees 2..5
@@ -70,10 +82,31 @@ def test_metadata_extend_blocks_cover_only_the_window() -> None:
     alloc, table = _setup()
     meta = build_attention_metadata([(0, 0, 10)], table.slots, alloc, window=3, block=4)
     assert meta.sliding is not None
-    spans = [(b.tok_lo, b.tok_hi, b.key_slots.tolist()) for b in meta.sliding.extends]
+    (item,) = meta.sliding.extends
+    spans = [(b.tok_lo, b.tok_hi, item.key_slots[b.key_lo : b.key_hi].tolist())
+             for b in item.blocks]
     # queries 0..3 see keys 0..3; 4..7 see 2..7; 8..9 see 6..9 (slots = position + 1)
     assert spans == [(0, 4, [1, 2, 3, 4]), (4, 8, [3, 4, 5, 6, 7, 8]), (8, 10, [7, 8, 9, 10])]
-    assert [(b.tok_lo, len(b.key_slots)) for b in meta.full.extends] == [(0, 4), (4, 8), (8, 10)]
+    (full_item,) = meta.full.extends
+    assert [(b.tok_lo, b.key_hi - b.key_lo) for b in full_item.blocks] == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_extend_blocks_shrink_for_long_full_prefixes() -> None:
+    """Blocks of a long full-attention prefix stay under the pair budget (>= 32 queries)."""
+    alloc = SWAAllocator(num_full_pages=6000, num_swa_pages=6000, page_size=1)
+    table = ReqTable(num_rows=1, max_context=5120)
+    table.write(table.alloc_row(), 0, alloc.alloc(5120))
+    meta = build_attention_metadata([(0, 4096, 1024)], table.slots, alloc, window=512)
+    (item,) = meta.full.extends
+    sizes = [b.tok_hi - b.tok_lo for b in item.blocks]
+    assert sum(sizes) == 1024 and item.blocks[0].tok_lo == 0
+    assert all(a.tok_hi == b.tok_lo for a, b in zip(item.blocks, item.blocks[1:]))
+    assert max(sizes) == EXTEND_BLOCK_PAIRS // (4096 + EXTEND_BLOCK) < EXTEND_BLOCK
+    assert all(n * (b.key_hi - b.key_lo) <= EXTEND_BLOCK_PAIRS for n, b in zip(sizes, item.blocks))
+    assert meta.sliding is not None
+    (swa,) = meta.sliding.extends
+    assert swa.key_pos == 4096 - 511
+    assert [b.tok_hi - b.tok_lo for b in swa.blocks] == [EXTEND_BLOCK] * (1024 // EXTEND_BLOCK)
 
 
 def test_validate_rejects_unmapped_window() -> None:

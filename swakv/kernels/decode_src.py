@@ -1,0 +1,256 @@
+"""C++ source of `swakv.paged_decode` (contract in `swakv.kernels.paged_attention_src`)."""
+
+DECODE_SOURCE = r"""
+constexpr int64_t kChunk = 256;  // keys per decode work unit
+constexpr int64_t kPrefetch = 4;  // keys ahead whose rows are prefetched
+
+template <typename T>
+static inline void prefetch_row(const T* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64)
+    __builtin_prefetch(p + off, 0, 1);
+}
+
+// q.k over D for one head: qraw is q in its own dtype, qf the same values in fp32.
+static inline float row_dot(const float* qraw, const float* qf, const float* k, float* kf,
+                            int64_t D) {
+  (void)qraw;
+  (void)kf;
+#if defined(__AVX512F__)
+  if (D % 16 == 0) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 32 <= D; d += 32) {
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), _mm512_loadu_ps(k + d), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d + 16), _mm512_loadu_ps(k + d + 16), acc1);
+    }
+    for (; d < D; d += 16)
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), _mm512_loadu_ps(k + d), acc0);
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  }
+#endif
+  return dot(qf, k, D);
+}
+
+static inline float row_dot(const c10::BFloat16* qraw, const float* qf, const c10::BFloat16* k,
+                            float* kf, int64_t D) {
+#if defined(__AVX512BF16__)
+  if (D % 32 == 0) {
+    (void)qf;
+    (void)kf;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64) {
+      acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(qraw + d),
+                              (__m512bh)_mm512_loadu_si512(k + d));
+      acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(qraw + d + 32),
+                              (__m512bh)_mm512_loadu_si512(k + d + 32));
+    }
+    for (; d < D; d += 32)
+      acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(qraw + d),
+                              (__m512bh)_mm512_loadu_si512(k + d));
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  }
+#endif
+  (void)qraw;
+  load_row(k, kf, D);
+  return dot(qf, kf, D);
+}
+
+#if defined(__AVX512F__)
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+// acc[g][0:D] = sum_j p[g * p_stride + j] * V[slots[j], h, :] for j < n, g < G.
+template <typename T>
+static inline void accumulate_pv(const float* p, int64_t p_stride, int64_t G,
+                                 const int64_t* slots, int64_t n, const T* vd, int64_t KVH,
+                                 int64_t h, int64_t D, float* acc) {
+#if defined(__AVX512F__)
+  if (D % 64 == 0 && G <= 4) {
+    // d-tiles of 64 columns: G x 4 accumulators stay in registers across all keys
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      __m512 a[4][4];
+      for (int g = 0; g < 4; ++g)
+        for (int t = 0; t < 4; ++t) a[g][t] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) {
+        if (d0 == 0 && j + kPrefetch < n) prefetch_row(vd + (slots[j + kPrefetch] * KVH + h) * D, D);
+        const T* v = vd + (slots[j] * KVH + h) * D + d0;
+        const __m512 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
+        for (int g = 0; g < G; ++g) {
+          const __m512 pg = _mm512_set1_ps(p[g * p_stride + j]);
+          a[g][0] = _mm512_fmadd_ps(pg, v0, a[g][0]);
+          a[g][1] = _mm512_fmadd_ps(pg, v1, a[g][1]);
+          a[g][2] = _mm512_fmadd_ps(pg, v2, a[g][2]);
+          a[g][3] = _mm512_fmadd_ps(pg, v3, a[g][3]);
+        }
+      }
+      for (int g = 0; g < G; ++g)
+        for (int t = 0; t < 4; ++t) _mm512_storeu_ps(acc + g * D + d0 + 16 * t, a[g][t]);
+    }
+    return;
+  }
+#endif
+  std::vector<float> vf(D);
+  std::fill(acc, acc + G * D, 0.0f);
+  for (int64_t j = 0; j < n; ++j) {
+    load_row(vd + (slots[j] * KVH + h) * D, vf.data(), D);
+    for (int64_t g = 0; g < G; ++g) {
+      const float pj = p[g * p_stride + j];
+      float* a = acc + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) a[d] += pj * vf[d];
+    }
+  }
+}
+
+template <typename T>
+void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
+                 const at::Tensor& table, const at::Tensor& rows, const at::Tensor& key_lo,
+                 const at::Tensor& key_hi, const at::Tensor& page_map, int64_t page_size,
+                 double scale_d, double softcap_d, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = kp.size(1);
+  const int64_t G = H / KVH, C = table.size(1);
+  const float scale = static_cast<float>(scale_d), softcap = static_cast<float>(softcap_d);
+  const T* qd = q.data_ptr<T>();
+  const T* kd = kp.data_ptr<T>();
+  const T* vd = vp.data_ptr<T>();
+  const int64_t* tab = table.data_ptr<int64_t>();
+  const int64_t* rw = rows.data_ptr<int64_t>();
+  const int64_t* lo_p = key_lo.data_ptr<int64_t>();
+  const int64_t* hi_p = key_hi.data_ptr<int64_t>();
+  const int64_t* map = page_map.numel() ? page_map.data_ptr<int64_t>() : nullptr;
+  T* od = out.data_ptr<T>();
+
+  // unit u = (b, kv head, chunk): chunk_start[b] + c for c < num_chunks(b)
+  const int64_t R = table.size(0), S = kp.size(0), M = page_map.numel();
+  std::vector<int64_t> chunk_start(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(0 <= rw[b] && rw[b] < R, "paged_decode: row out of range");
+    TORCH_CHECK(0 <= lo_p[b] && lo_p[b] < hi_p[b] && hi_p[b] <= C,
+                "paged_decode: key range must satisfy 0 <= key_lo < key_hi <= columns");
+    const int64_t n = hi_p[b] - lo_p[b];
+    chunk_start[b + 1] = chunk_start[b] + (n + kChunk - 1) / kChunk;
+  }
+  const int64_t num_chunks = chunk_start[B];
+  std::vector<int64_t> chunk_query(num_chunks);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = chunk_start[b]; c < chunk_start[b + 1]; ++c) chunk_query[c] = b;
+  // partial state per (chunk, kv head, g): [max, sum, acc[D]]
+  const int64_t stride = D + 2;
+  std::vector<float> partial(num_chunks * KVH * G * stride);
+
+  std::atomic<bool> bad_slot{false};
+  at::parallel_for(0, num_chunks * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), kf(D), s(G * kChunk), acc(G * D);
+    std::vector<int64_t> slots(kChunk);
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t c = unit / KVH, h = unit % KVH, b = chunk_query[c];
+      const int64_t j0 = lo_p[b] + (c - chunk_start[b]) * kChunk;
+      const int64_t n = std::min(kChunk, hi_p[b] - j0);
+      const int64_t* row = tab + rw[b] * C;
+      bool ok = true;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t full = row[j0 + j];
+        const bool in_map = !map || (full >= 0 && full / page_size < M);
+        const int64_t slot = !in_map ? -1 : map ? map[full / page_size] * page_size + full % page_size : full;
+        ok &= 0 <= slot && slot < S;
+        slots[j] = ok ? slot : 0;
+      }
+      if (!ok) {  // a slot outside the pool: report after the loop, read nothing
+        bad_slot = true;
+        continue;
+      }
+      const T* qrows = qd + (b * H + h * G) * D;  // G consecutive heads share KV head h
+      for (int64_t g = 0; g < G; ++g) load_row(qrows + g * D, &qf[g * D], D);
+      for (int64_t j = 0; j < n; ++j) {
+        if (j + kPrefetch < n) prefetch_row(kd + (slots[j + kPrefetch] * KVH + h) * D, D);
+        const T* krow = kd + (slots[j] * KVH + h) * D;
+        for (int64_t g = 0; g < G; ++g)
+          s[g * kChunk + j] = softcap_of(row_dot(qrows + g * D, &qf[g * D], krow, kf.data(), D) * scale, softcap);
+      }
+      float* part = &partial[(c * KVH + h) * G * stride];
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = &s[g * kChunk];
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < n; ++j) m = sg[j] > m ? sg[j] : m;
+        float l = 0.0f;
+#pragma omp simd reduction(+ : l)
+        for (int64_t j = 0; j < n; ++j) {
+          sg[j] = exp_nonpos(sg[j] - m);
+          l += sg[j];
+        }
+        part[g * stride] = m;
+        part[g * stride + 1] = l;
+      }
+      for (int64_t j = 0; j < kPrefetch && j < n; ++j) prefetch_row(vd + (slots[j] * KVH + h) * D, D);
+      accumulate_pv(s.data(), kChunk, G, slots.data(), n, vd, KVH, h, D, acc.data());
+      for (int64_t g = 0; g < G; ++g)
+        std::memcpy(part + g * stride + 2, &acc[g * D], D * sizeof(float));
+    }
+  });
+
+  TORCH_CHECK(!bad_slot, "paged_decode: a key slot (after page mapping) is outside the pool");
+  at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / KVH, h = bh % KVH;
+      for (int64_t g = 0; g < G; ++g) {
+        float m = -INFINITY;
+        for (int64_t c = chunk_start[b]; c < chunk_start[b + 1]; ++c)
+          m = std::max(m, partial[((c * KVH + h) * G + g) * stride]);
+        float l = 0.0f;
+        std::fill(o.begin(), o.end(), 0.0f);
+        for (int64_t c = chunk_start[b]; c < chunk_start[b + 1]; ++c) {
+          const float* part = &partial[((c * KVH + h) * G + g) * stride];
+          const float w = exp_nonpos(part[0] - m);
+          l += w * part[1];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) o[d] += w * part[2 + d];
+        }
+        const float inv = 1.0f / l;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+        store_row(o.data(), od + (b * H + h * G + g) * D, D);
+      }
+    }
+  });
+}
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                        const at::Tensor& slot_table, const at::Tensor& rows,
+                        const at::Tensor& key_lo, const at::Tensor& key_hi,
+                        const at::Tensor& page_map, int64_t page_size, double scale,
+                        double softcap) {
+  TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.sizes() == k_pool.sizes(), "shapes");
+  TORCH_CHECK(q.scalar_type() == k_pool.scalar_type() && q.scalar_type() == v_pool.scalar_type(),
+              "q and the pools need one dtype");
+  TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous() &&
+                  slot_table.is_contiguous() && rows.is_contiguous() && key_lo.is_contiguous() &&
+                  key_hi.is_contiguous() && page_map.is_contiguous(),
+              "contiguous inputs");
+  TORCH_CHECK(q.size(2) == k_pool.size(2) && q.size(1) % k_pool.size(1) == 0, "head shapes");
+  TORCH_CHECK(slot_table.scalar_type() == at::kLong && rows.scalar_type() == at::kLong &&
+                  key_lo.scalar_type() == at::kLong && key_hi.scalar_type() == at::kLong &&
+                  page_map.scalar_type() == at::kLong,
+              "int64 index tensors");
+  TORCH_CHECK(page_size >= 1, "page_size >= 1");
+  at::Tensor out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
+  if (q.size(0) == 0) return out;
+  if (q.scalar_type() == at::kFloat) {
+    decode_impl<float>(q, k_pool, v_pool, slot_table, rows, key_lo, key_hi, page_map, page_size,
+                       scale, softcap, out);
+  } else if (q.scalar_type() == at::kBFloat16) {
+    decode_impl<c10::BFloat16>(q, k_pool, v_pool, slot_table, rows, key_lo, key_hi, page_map,
+                               page_size, scale, softcap, out);
+  } else {
+    TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
+  }
+  return out;
+}
+"""

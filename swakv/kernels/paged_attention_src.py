@@ -1,0 +1,165 @@
+"""C++ source of the CPU attention kernels (built by `swakv.kernels.cpu_build`).
+
+Registered as torch ops in namespace `swakv`:
+
+- `paged_decode(q, k_pool, v_pool, slot_table, rows, key_lo, key_hi, page_map,
+  page_size, scale, softcap) -> out`
+  q [B, H, D]; k_pool / v_pool [S, KVH, D] (same dtype as q, float32 or bfloat16);
+  slot_table int64 [R, C]: full slot of position j of row r; rows / key_lo / key_hi
+  int64 [B]: query b sees positions [key_lo[b], key_hi[b]) of row rows[b] (non-empty).
+  page_map int64 [M] (numel 0: none): a key's pool slot is
+  page_map[s / P] * P + s % P for full slot s (a sliding layer's SWA slot), else s.
+  Only visible slots are read. Query head h uses KV head h / (H / KVH).
+  Returns out [B, H * D] in q's dtype. Scores, softmax and accumulation are fp32;
+  keys are split in chunks of 256 positions whose partial softmax states are merged.
+
+- `masked_softmax_out(scores, out, group, rows_per_kv_head, q_pos0, k_pos0, window,
+  scale, softcap) -> out`
+  scores [R, N] contiguous, raw q.k products of a query block (float32, or bfloat16
+  with a bfloat16 `out`); out [R, N] float32 or bfloat16 (may be `scores` itself):
+  row r is query i = (r % rows_per_kv_head) / group at position q_pos0 + i, column c
+  is key position k_pos0 + c. Row r keeps columns [lo, hi) with hi = pos + 1 - k_pos0
+  and lo = max(0, pos - window + 1 - k_pos0) (window > 0) or 0, and gets
+  softmax(softcap(scale * s)) there (fp32 inside) and 0 elsewhere.
+
+- `pack_keys_bf16(k [N, D] bf16, rows may be strided) -> packed [ceil(N / 16), D / 2, 16, 2]`
+  with packed[t, p, j, e] = k[16 t + j, 2 p + e] (0 past N): the layout of the AVX512
+  bf16 dot-product instruction.
+- `qk_scores_bf16(q [M, D] bf16, packed, key_lo, key_hi) -> fp32 [M, key_hi - key_lo]`:
+  q . k for keys [key_lo, key_hi); products of bf16 are exact in fp32 and summed in
+  fp32 (a register-blocked 8 rows x 32 keys micro-kernel). Needs AVX512-BF16
+  (`bf16_dot_supported()`).
+"""
+
+from swakv.kernels.decode_src import DECODE_SOURCE
+from swakv.kernels.extend_src import EXTEND_SOURCE
+
+# includes and helpers shared by both kernel families; opens the anonymous namespace
+COMMON_SOURCE = r"""
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+
+
+// exp(x) for x <= 0 (softmax arguments), about 1 ulp; vectorisable (no libm call).
+static inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  // round to nearest by the 1.5 * 2^23 trick (no libm call, vectorises)
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693145751953125f;  // ln2 split into hi + lo
+  r = r - n * 1.428606765330187e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+static inline void load_row(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+static inline void load_row(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits = static_cast<uint32_t>(s[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    dst[i] = f;
+  }
+}
+
+static inline void store_row(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+static inline void store_row(const float* src, c10::BFloat16* dst, int64_t n) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &src[i], sizeof(bits));
+    bits += 0x7FFFu + ((bits >> 16) & 1u);  // round to nearest even (inputs finite)
+    d[i] = static_cast<uint16_t>(bits >> 16);
+  }
+}
+
+static inline void store_row_scaled(const float* src, float mul, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i] * mul;
+}
+
+static inline void store_row_scaled(const float* src, float mul, c10::BFloat16* dst, int64_t n) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float f = src[i] * mul;
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof(bits));
+    bits += 0x7FFFu + ((bits >> 16) & 1u);  // round to nearest even (inputs finite)
+    d[i] = static_cast<uint16_t>(bits >> 16);
+  }
+}
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+static inline float softcap_of(float s, float softcap) {
+  return softcap > 0.0f ? std::tanh(s / softcap) * softcap : s;
+}
+"""
+
+REGISTRATION_SOURCE = r"""
+}  // namespace
+
+TORCH_LIBRARY(swakv, m) {
+  m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor slot_table, Tensor rows, "
+        "Tensor key_lo, Tensor key_hi, Tensor page_map, int page_size, float scale, "
+        "float softcap) -> Tensor");
+  m.def("masked_softmax_out(Tensor scores, Tensor(a!) out, int group, int rows_per_kv_head, "
+        "int q_pos0, int k_pos0, int window, float scale, float softcap) -> Tensor(a!)");
+  m.def("pack_keys_bf16(Tensor k) -> Tensor");
+  m.def("qk_scores_bf16(Tensor q, Tensor packed, int key_lo, int key_hi) -> Tensor");
+  m.def("bf16_dot_supported() -> bool");
+}
+
+TORCH_LIBRARY_IMPL(swakv, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("masked_softmax_out", &masked_softmax_out);
+  m.impl("pack_keys_bf16", &pack_keys_bf16);
+  m.impl("qk_scores_bf16", &qk_scores_bf16);
+}
+
+TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {
+  m.impl("bf16_dot_supported", &bf16_dot_supported);
+}
+"""
+
+SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, REGISTRATION_SOURCE))
