@@ -156,6 +156,17 @@ class EngineConfig:
         default=64,
     )
     enable_prefix_cache: bool = _help("share KV between requests with a radix tree", default=True)
+    host_kv_memory: str | None = _help(
+        "host KV tier (prefix cache only): bytes like 8GiB, or a multiple of the device KV "
+        "budget like 4x; evicted prefixes are kept there and loaded back on a hit "
+        "(default: off)",
+        default=None,
+    )
+    host_backup_threshold: int = _help(
+        "uses (inserts and hits) of a cached prefix before it is copied to the host tier "
+        "(1: write-through)",
+        default=1,
+    )
     dtype: str = _help("model and KV dtype: float32 (exact) or bfloat16 (fast)", default="float32")
     num_threads: int | None = _help("torch CPU threads; default: all cores", default=None)
 
@@ -168,6 +179,7 @@ class EngineConfig:
             (self.chunk_size >= 1, "chunk_size must be >= 1"),
             (self.decode_reserve >= 1, "decode_reserve must be >= 1"),
             (self.frontier_stride >= 1, "frontier_stride must be >= 1"),
+            (self.host_backup_threshold >= 1, "host_backup_threshold must be >= 1"),
             (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
         ]
         for ok, message in checks:

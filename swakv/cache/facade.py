@@ -126,8 +126,9 @@ class PrefixCache(CacheBase):
         owners = self._new_owner_count()
         p = self.page
         for node in self.tree.nodes():
-            pages = node.value[::p] // p  # type: ignore[index]
-            owners.index_add_(0, pages, torch.ones_like(pages))
+            if node.value is not None:  # host-only nodes own no device page
+                pages = node.value[::p] // p
+                owners.index_add_(0, pages, torch.ones_like(pages))
         for req in live:
             h = req.lock
             assert h is not None and not h.released, f"{req}: live request without a lock"

@@ -5,11 +5,21 @@ every sequence that walks through it, `node.end = node.start + len(node.key)`; b
 are multiples of the page size. `node.value[i]` is the full slot of position
 `node.start + i`. The root covers `[0, 0)`.
 
-SWA state of a node is `swa_live`: True means every full page of `value` maps to an
-SWA page in the allocator (its SWA value is `allocator.translate(value)`); False (a
-**tombstone**) means every one of them maps to 0. A node removed from the tree has
-`value is None` (`alive` is False); removed nodes keep their `parent` pointer so a
-stale `MatchEnd` can still be resolved upwards.
+Device state: `value` holds the node's full slots in the device pool, or None when the
+node is not on the device (demoted to the host tier). `swa_live`: True means every
+full page of `value` maps to an SWA page in the allocator (its SWA value is
+`allocator.translate(value)`); False (a **tombstone**) means every one maps to 0; a
+node off the device has `swa_live` False.
+
+Host state (host tier, `hicache.py`): `host_full` holds one host full-pool page id per
+page of the node (None: not backed up), `host_swa` one host SWA-pool page id per page
+(None: no SWA on the host, a **host tombstone**; never set without `host_full`).
+
+Every node in the tree is on the device, backed up, or both. Device-resident nodes
+form a root-connected subtree (a node on the device has its parent on the device),
+and so do backed-up nodes (backups go ancestors first). A node removed from the tree
+has `in_tree` False; removed nodes keep their `parent` pointer so a stale `MatchEnd`
+can still be resolved upwards.
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ class TreeNode:
     __slots__ = (
         "parent", "children", "key", "value", "start", "swa_live",
         "full_lock", "swa_lock", "full_time", "swa_time", "lockers",
+        "in_tree", "host_full", "host_swa", "hits", "host_time", "host_pins",
     )
 
     def __init__(
@@ -63,6 +74,12 @@ class TreeNode:
         self.full_time = 0
         self.swa_time = 0
         self.lockers: dict[LockHandle, bool] = {}
+        self.in_tree = True
+        self.host_full: torch.Tensor | None = None  # int64 [len // page] host page ids
+        self.host_swa: torch.Tensor | None = None
+        self.hits = 0  # inserts and admitted hits through this node (backup policy)
+        self.host_time = 0
+        self.host_pins = 0  # > 0: a load-back or backup in flight needs its host pages
 
     @property
     def end(self) -> int:
@@ -70,15 +87,29 @@ class TreeNode:
 
     @property
     def alive(self) -> bool:
+        return self.in_tree
+
+    @property
+    def on_device(self) -> bool:
         return self.value is not None
+
+    @property
+    def backed_up(self) -> bool:
+        return self.host_full is not None
+
+    def has_swa(self) -> bool:
+        """SWA KV for the node's positions exists on the device or on the host."""
+        return self.swa_live or self.host_swa is not None
 
     def __len__(self) -> int:
         return len(self.key)
 
     def __repr__(self) -> str:
-        state = "live" if self.swa_live else "tomb"
+        state = ("live" if self.swa_live else "tomb") if self.on_device else "off"
+        host = "" if self.host_full is None else (" host" if self.host_swa is not None
+                                                  else " host-tomb")
         return (
-            f"TreeNode([{self.start}, {self.end}) {state} lock={self.full_lock}/"
+            f"TreeNode([{self.start}, {self.end}) {state}{host} lock={self.full_lock}/"
             f"{self.swa_lock}{'' if self.alive else ' dead'})"
         )
 
@@ -107,13 +138,24 @@ class MatchResult:
     - `end`: the end to pass to `lock` (None only from `ChunkCache`).
     - `full_only_len`: page-aligned length the tree holds full KV for, ignoring SWA
       (`>= prefix_len`); `full_only_len - prefix_len` is "full KV present but window
-      missing".
+      missing". With a host tier, KV on the host counts.
+    - `host_prefix_len` / `host_end`: the deepest end usable when KV on the host
+      counts too (full KV on the device or the host for `[0, P)`, SWA on either for
+      the window); `host_prefix_len >= prefix_len`, and `host_end` is None when it
+      adds nothing (no host tier, or the device already reaches as far).
     """
 
     prefix_len: int
     full_slots: torch.Tensor
     end: MatchEnd | None
     full_only_len: int
+    host_prefix_len: int = 0
+    host_end: MatchEnd | None = None
+
+    @property
+    def host_extension(self) -> int:
+        """Tokens a load-back would add to the device hit."""
+        return max(0, self.host_prefix_len - self.prefix_len)
 
 
 @dataclass(frozen=True)

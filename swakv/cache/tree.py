@@ -39,13 +39,17 @@ path and `swa_time` on live nodes overlapping the last `W + page` tokens
 `[max(0, P - W - page), P)`. New nodes outside that range get `swa_time = 0`:
 their SWA is useless for future matches ending at P, so it goes first.
 
-**Eviction** (`evict(Need)`): first full eviction of unlocked leaves by `full_time`
-(cascading to parents that become leaves), freeing full pages with their SWA; then
-SWA eviction by `swa_time` over live nodes with `swa_lock == 0`. A pool the caller
-asked nothing of loses pages only as an unavoidable side effect, so: when
-`need.full > 0`, an SWA-evicted unlocked leaf is removed entirely; when
-`need.full == 0` it is only tombstoned (`evict(Need(0, n))` frees no full page).
-Internal and full-locked nodes are always only tombstoned.
+**Eviction** (`evict(Need)`): first full eviction of unlocked device leaves (no
+device-resident child) by `full_time` (cascading to parents that become device
+leaves), freeing full pages with their SWA: a backed-up leaf is **demoted** (it stays
+in the tree, on the host only), any other is removed; then SWA eviction by `swa_time`
+over live nodes with `swa_lock == 0`. A pool the caller asked nothing of loses pages
+only as an unavoidable side effect, so: when `need.full > 0`, an SWA-evicted unlocked
+device leaf is evicted entirely (demoted or removed); when `need.full == 0` it is only
+tombstoned (`evict(Need(0, n))` frees no full page). Internal and full-locked nodes
+are always only tombstoned. The host tier (`tree_host.py`) adds backup, host eviction
+and load-back; without one, no node is ever backed up and all of the above reduces to
+plain removal.
 
 `evict` must not run inside a caller's `allocator.batch_free()` block: its tombstones
 must be unmapped when it returns (revival checks the mapping).
@@ -58,18 +62,12 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from swakv.cache.lru import LazyLRU
-from swakv.cache.node import (
-    InsertResult,
-    LockError,
-    LockHandle,
-    MatchEnd,
-    MatchResult,
-    StaleMatch,
-    TreeNode,
-)
+from swakv.cache.node import InsertResult, LockHandle, MatchEnd, MatchResult, TreeNode
+from swakv.cache.tree_host import HostOps, HostTier
+from swakv.cache.tree_lock import LockOps
 from swakv.memory.allocator.base import INDEX_DTYPE
 from swakv.memory.allocator.swa import SWAAllocator
-from swakv.memory.pages import Need, page_ceil, page_floor, swa_tail_start
+from swakv.memory.pages import Need, page_ceil, page_floor
 
 TokenIds = Sequence[int] | torch.Tensor
 
@@ -81,15 +79,17 @@ def as_tokens(token_ids: TokenIds) -> tuple[int, ...]:
     return token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
 
 
-class RadixTree:
+class RadixTree(LockOps, HostOps):
     """The tree, its locks, LRUs and per-component sizes (tokens, root excluded).
 
-    `full_protected` / `full_evictable`: tokens of nodes with / without a full lock.
-    `swa_protected` / `swa_evictable`: tokens of live-SWA nodes with / without an SWA
-    lock. Kept incrementally; `check_integrity` recomputes them.
+    `full_protected` / `full_evictable`: tokens of device-resident nodes with / without
+    a full lock. `swa_protected` / `swa_evictable`: tokens of live-SWA nodes with /
+    without an SWA lock. `host_full_tokens` / `host_swa_tokens`: tokens with a host
+    copy of full / SWA KV. Kept incrementally; `check_integrity` recomputes them.
     """
 
-    def __init__(self, allocator: SWAAllocator, page_size: int, window: int) -> None:
+    def __init__(self, allocator: SWAAllocator, page_size: int, window: int,
+                 host: HostTier | None = None) -> None:
         if allocator.page_size != page_size:
             raise ValueError(f"allocator page size {allocator.page_size} != {page_size}")
         if window < 1:
@@ -105,16 +105,21 @@ class RadixTree:
         self.num_nodes = 0
         self.full_protected = self.full_evictable = 0
         self.swa_protected = self.swa_evictable = 0
+        self.host_full_tokens = self.host_swa_tokens = 0
         self._clock = 0
+        self._init_host(host)
 
     # ---- eligibility and accounting ------------------------------------------------
     @staticmethod
     def _full_evictable_leaf(n: TreeNode) -> bool:
-        return n.value is not None and n.parent is not None and not n.children and not n.full_lock
+        """An unlocked device leaf: on the device, no child on the device."""
+        return (n.in_tree and n.value is not None and n.parent is not None and not n.full_lock
+                and not any(c.value is not None for c in n.children.values()))
 
     @staticmethod
     def _swa_evictable(n: TreeNode) -> bool:
-        return n.value is not None and n.parent is not None and n.swa_live and not n.swa_lock
+        return (n.in_tree and n.value is not None and n.parent is not None and n.swa_live
+                and not n.swa_lock)
 
     def _full_valid(self, n: TreeNode, time: int) -> bool:
         return n.full_time == time and self._full_evictable_leaf(n)
@@ -124,15 +129,20 @@ class RadixTree:
 
     def _account(self, n: TreeNode, sign: int) -> None:
         k = len(n.key) * sign
-        if n.full_lock:
-            self.full_protected += k
-        else:
-            self.full_evictable += k
+        if n.value is not None:
+            if n.full_lock:
+                self.full_protected += k
+            else:
+                self.full_evictable += k
         if n.swa_live:
             if n.swa_lock:
                 self.swa_protected += k
             else:
                 self.swa_evictable += k
+        if n.host_full is not None:
+            self.host_full_tokens += k
+            if n.host_swa is not None:
+                self.host_swa_tokens += k
 
     def _push(self, n: TreeNode) -> None:
         """Queue `n` in each LRU it is eligible for, at its current times."""
@@ -140,6 +150,8 @@ class RadixTree:
             self.full_lru.push(n.full_time, n)
         if self._swa_evictable(n):
             self.swa_lru.push(n.swa_time, n)
+        if self.host is not None and self._host_evictable(n):
+            self.host_lru.push(n.host_time, n)
 
     def _touch_path(self, node: TreeNode, prefix_len: int) -> None:
         """Refresh full times on the path root..node, SWA times in the last W + page."""
@@ -184,32 +196,50 @@ class RadixTree:
         return i
 
     def match(self, token_ids: TokenIds) -> MatchResult:
-        """Deepest usable page-aligned end for `token_ids` (read-only, no splits)."""
+        """Deepest usable page-aligned ends for `token_ids` (read-only, no splits).
+
+        Two walks in one: the device end needs every path node on the device and live
+        device SWA on the window; the host end counts KV on the host too (full on the
+        device or the host, which every node in the tree has; SWA on either).
+        """
         toks = as_tokens(token_ids)
         p, w = self.page, self.window
         n = page_floor(len(toks), p)
-        node, pos, dead_end = self.root, 0, 0  # dead_end: end of the deepest tombstone
+        node, pos = self.root, 0
+        dev_dead = any_dead = 0  # end of the deepest node without device SWA / any SWA
+        on_device = True  # every node so far is on the device
         pieces: list[torch.Tensor] = []
-        best = (self.root, 0, 0)  # (node, prefix_len, number of pieces)
+        best = (self.root, 0, 0)  # device: (node, prefix_len, number of pieces)
+        best_any = (self.root, 0)  # device or host: (node, prefix_len)
         while pos < n:
             child = node.children.get(toks[pos : pos + p])
             if child is None:
                 break
             m = self._common(child.key, toks, pos, n)
-            pieces.append(child.value if m == len(child.key) else child.value[:m])  # type: ignore[index]
             end = pos + m
-            if child.swa_live:
-                usable = dead_end == 0 or dead_end + w - 1 <= end
+            on_device = on_device and child.value is not None
+            if on_device:
+                pieces.append(child.value if m == len(child.key) else child.value[:m])  # type: ignore[index]
+                if child.swa_live:
+                    usable = dev_dead == 0 or dev_dead + w - 1 <= end
+                else:
+                    usable, dev_dead = w <= 1, child.end
+                if usable:
+                    best = (child, end, len(pieces))
+            if child.has_swa():
+                usable_any = any_dead == 0 or any_dead + w - 1 <= end
             else:
-                usable, dead_end = w <= 1, child.end
-            if usable:
-                best = (child, end, len(pieces))
+                usable_any, any_dead = w <= 1, child.end
+            if usable_any:
+                best_any = (child, end)
             node, pos = child, end
             if m < len(child.key):
                 break
         bnode, blen, bcount = best
         slots = torch.cat(pieces[:bcount]) if bcount else torch.zeros(0, dtype=INDEX_DTYPE)
-        return MatchResult(blen, slots, MatchEnd(bnode, blen), pos)
+        host_end = MatchEnd(best_any[0], best_any[1]) if best_any[1] > blen else None
+        return MatchResult(blen, slots, MatchEnd(bnode, blen), pos,
+                           max(blen, best_any[1]), host_end)
 
     # ---- split / insert ------------------------------------------------------------
     def _split(self, node: TreeNode, k: int) -> TreeNode:
@@ -224,11 +254,18 @@ class RadixTree:
         """
         assert 0 < k < len(node.key) and k % self.page == 0, (k, node)
         parent = node.parent
-        assert parent is not None and node.value is not None
+        assert parent is not None and node.in_tree
         self._account(node, -1)
-        upper = TreeNode(parent, node.key[:k], node.value[:k], node.start, node.swa_live)
+        value = None if node.value is None else node.value[:k]
+        upper = TreeNode(parent, node.key[:k], value, node.start, node.swa_live)
         upper.full_lock = node.full_lock
         upper.full_time, upper.swa_time = node.full_time, node.swa_time
+        upper.hits, upper.host_time, upper.host_pins = node.hits, node.host_time, node.host_pins
+        kp = k // self.page
+        if node.host_full is not None:
+            upper.host_full, node.host_full = node.host_full[:kp], node.host_full[kp:]
+        if node.host_swa is not None:
+            upper.host_swa, node.host_swa = node.host_swa[:kp], node.host_swa[kp:]
         for handle, swa in node.lockers.items():
             # the upper part is in the handle's window iff it ends past the window start
             swa = swa and upper.end > handle.prefix_len - (self.window - 1)
@@ -238,7 +275,9 @@ class RadixTree:
             if swa:
                 handle.swa_nodes.append(upper)
         parent.children[upper.key[: self.page]] = upper
-        node.key, node.value = node.key[k:], node.value[k:]
+        node.key = node.key[k:]
+        if node.value is not None:
+            node.value = node.value[k:]
         node.start += k
         node.parent = upper
         upper.children[node.key[: self.page]] = node
@@ -270,11 +309,23 @@ class RadixTree:
         self._account(node, 1)
         self._push(node)
 
+    def _adopt(self, node: TreeNode, own: torch.Tensor, live: bool) -> None:
+        """A host-only node takes the request's full pages `own` as its device value
+        (their SWA is live iff `live`: the caller split the node at the frontier)."""
+        assert node.value is None and node.parent is not None and node.parent.value is not None
+        self._account(node, -1)
+        node.value = own.clone()
+        node.swa_live = live
+        self._account(node, 1)
+        self._push(node)
+        self._push(node.parent)
+
     def _add_child(self, parent: TreeNode, toks: tuple[int, ...], slots: torch.Tensor,
                    a: int, b: int, base: int, live: bool) -> TreeNode:
         """New node for positions [a, b); `toks`/`slots` index position q at q - base."""
         key = toks[a - base : b - base]
         child = TreeNode(parent, key, slots[a - base : b - base].clone(), a, live)
+        child.hits = 1  # an insert is the first use (write-through at threshold 1)
         parent.children[key[: self.page]] = child
         self._account(child, 1)
         self.num_nodes += 1
@@ -330,7 +381,7 @@ class RadixTree:
         pos = base
         pieces: list[torch.Tensor] = []
         dups: list[torch.Tensor] = []
-        dedup = revived = 0
+        dedup = revived = adopted = 0
         while pos < n:
             child = node.children.get(toks[pos - base : pos - base + p])
             if child is None:
@@ -340,14 +391,19 @@ class RadixTree:
             cut = min((c for c in cuts if 0 < c < len(child.key)), default=0)
             if cut:
                 child, m = self._split(child, cut), min(m, cut)
-            assert child.value is not None and m == len(child.key)
+            assert m == len(child.key)
             if pos >= protected_len:
                 own = full_slots[pos - base : pos - base + m]
-                if not child.swa_live and pos >= live_from:
-                    self._revive(child, own)
-                    revived += m
-                dups.append(own)
-                dedup += m
+                if child.value is None:  # on the host only: the request's pages come home
+                    self._adopt(child, own, pos >= live_from)
+                    adopted += m
+                else:
+                    if not child.swa_live and pos >= live_from:
+                        self._revive(child, own)
+                        revived += m
+                    dups.append(own)
+                    dedup += m
+            assert child.value is not None
             pieces.append(child.value)
             node, pos = child, pos + m
         if pos < protected_len:
@@ -366,138 +422,39 @@ class RadixTree:
         if dups:
             self.allocator.free(torch.cat(dups) if len(dups) > 1 else dups[0])
         slots = torch.cat(pieces) if pieces else torch.zeros(0, dtype=INDEX_DTYPE)
-        return InsertResult(n, slots, MatchEnd(node, n), dedup, revived, new_len)
-
-    # ---- locks ---------------------------------------------------------------------
-    def _resolve(self, end: MatchEnd) -> TreeNode:
-        """The live node covering position `end.prefix_len - 1` (root for 0)."""
-        plen, node = end.prefix_len, end.node
-        while node.parent is not None and (node.value is None or node.start >= plen):
-            node = node.parent
-        if (node.parent is None) != (plen == 0) or plen > node.end:
-            raise StaleMatch(f"end {plen} is no longer in the tree")
-        return node
-
-    def lock(self, end: MatchEnd) -> LockHandle:
-        """Lock a usable end: full counts to the root, SWA counts on its window."""
-        plen = end.prefix_len
-        node = self._resolve(end)
-        lo = max(0, plen - (self.window - 1))
-        self._check_window(node, plen, lo)
-        if plen < node.end:
-            node = self._split(node, plen - node.start)
-        self._split_at(node, swa_tail_start(plen, self.window, self.page))
-        handle = LockHandle(plen, node, owner=self)
-        n = node
-        while n.parent is not None:
-            self._hold(handle, n, n.end > lo)
-            n = n.parent
-        self._touch_path(node, plen)
-        return handle
-
-    def relock(self, handle: LockHandle, end: MatchEnd) -> None:
-        """Move a live `handle` down its own path from P to the end P' >= P that
-        `insert_from(handle, ...)` returned, in place (no second handle, no unlock).
-
-        Full counts are raised on the nodes between the old and the new end; SWA counts
-        move to the window `[P' - (W - 1), P')`: nodes that fell out of it lose theirs,
-        new nodes inside it gain one (the window only moves forward, so no older node
-        re-enters it). Cost O(new nodes + W / page), independent of P.
-        """
-        self._check_handle(handle)
-        plen = end.prefix_len
-        if plen < handle.prefix_len:
-            raise ValueError(f"relock moves ends forward: {handle.prefix_len} -> {plen}")
-        node = self._resolve(end)
-        lo = max(0, plen - (self.window - 1))
-        self._check_window(node, plen, lo)
-        if plen < node.end:
-            node = self._split(node, plen - node.start)
-        self._split_at(node, swa_tail_start(plen, self.window, self.page))
-        new_nodes, n = [], node
-        while n is not handle.end_node:
-            if n.parent is None:
-                raise ValueError(f"relock: end {plen} is not below the handle's end")
-            new_nodes.append(n)
-            n = n.parent
-        kept = []
-        for n in handle.swa_nodes:
-            if n.end > lo:
-                kept.append(n)
-                continue
-            self._account(n, -1)
-            n.swa_lock -= 1
-            n.lockers[handle] = False
-            self._account(n, 1)
-            self._push(n)
-        handle.swa_nodes = kept
-        for n in new_nodes:
-            self._hold(handle, n, n.end > lo)
-        handle.prefix_len, handle.end_node = plen, node
-        self._touch_recent(node, plen, plen)
-
-    def _check_window(self, node: TreeNode, plen: int, lo: int) -> None:
-        """StaleMatch unless SWA is live on the path nodes overlapping [lo, plen)."""
-        n = node
-        while n.parent is not None and min(n.end, plen) > lo:
-            if not n.swa_live:
-                raise StaleMatch(f"end {plen}: window [{lo}, {plen}) is no longer live")
-            n = n.parent
-
-    def _hold(self, handle: LockHandle, n: TreeNode, in_window: bool) -> None:
-        """Raise `handle`'s full count on `n`, and its SWA count when `in_window`."""
-        self._account(n, -1)
-        n.full_lock += 1
-        handle.full_nodes.append(n)
-        if in_window:
-            n.swa_lock += 1
-            handle.swa_nodes.append(n)
-        n.lockers[handle] = in_window
-        self._account(n, 1)
-
-    def _check_handle(self, handle: LockHandle) -> None:
-        if handle.owner is not self:
-            raise LockError("lock handle issued by another tree")
-        if handle.released:
-            raise LockError("lock handle already released")
-
-    def unlock(self, handle: LockHandle, touch: bool = False) -> None:
-        """Release exactly the counts `handle` raised; LockError if released or foreign.
-
-        With `touch`, the whole locked path counts as used now (LRU), as a lock does:
-        a request that committed page by page refreshes its path once, when it ends.
-        """
-        self._check_handle(handle)
-        for n in handle.full_nodes:
-            if handle not in n.lockers or n.full_lock <= 0:
-                raise LockError(f"handle does not hold {n}")
-        handle.released = True
-        if touch:
-            self._touch_path(handle.end_node, handle.prefix_len)
-        for n in handle.full_nodes:
-            swa = n.lockers.pop(handle)
-            self._account(n, -1)
-            n.full_lock -= 1
-            if swa:
-                if n.swa_lock <= 0:
-                    raise LockError(f"SWA count of {n} is not held")
-                n.swa_lock -= 1
-            self._account(n, 1)
-            self._push(n)
+        return InsertResult(n, slots, MatchEnd(node, n), dedup, revived, new_len + adopted)
 
     # ---- eviction ------------------------------------------------------------------
     def _remove(self, node: TreeNode, frees: list[torch.Tensor]) -> Need:
-        """Take an unlocked leaf out of the tree; its pages go to `frees`."""
+        """Take an unlocked, not backed-up device leaf out of the tree; its pages go to
+        `frees`."""
         parent = node.parent
         assert parent is not None and node.value is not None and not node.children
+        assert node.host_full is None
         del parent.children[node.key[: self.page]]
         self._account(node, -1)
         frees.append(node.value)
         node.value = None
+        node.in_tree = False
         self.num_nodes -= 1
         self._push(parent)
         k = len(node.key)
         return Need(k, k if node.swa_live else 0)
+
+    def _evict_device(self, node: TreeNode, frees: list[torch.Tensor]) -> Need:
+        """Free an unlocked device leaf's pages: demote it when backed up, else remove."""
+        if node.host_full is None:
+            return self._remove(node, frees)
+        self._account(node, -1)
+        frees.append(node.value)  # type: ignore[arg-type]
+        k = len(node.key)
+        freed = Need(k, k if node.swa_live else 0)
+        node.value, node.swa_live = None, False
+        self._account(node, 1)
+        self.host_counters["demoted_tokens"] += k
+        self._push(node)
+        self._push(node.parent)  # type: ignore[arg-type]
+        return freed
 
     def evict(self, need: Need) -> Need:
         """Free at least `need` tokens per pool if possible; returns tokens freed."""
@@ -508,13 +465,13 @@ class RadixTree:
             node = self.full_lru.pop()
             if node is None:
                 break
-            freed = freed + self._remove(node, frees)
+            freed = freed + self._evict_device(node, frees)
         while freed.swa < need.swa:
             node = self.swa_lru.pop()
             if node is None:
                 break
-            if need.full > 0 and not node.children and not node.full_lock:
-                freed = freed + self._remove(node, frees)
+            if need.full > 0 and self._full_evictable_leaf(node):
+                freed = freed + self._evict_device(node, frees)
                 continue
             self._account(node, -1)
             node.swa_live = False
@@ -539,7 +496,8 @@ class RadixTree:
             stack.extend(n.children.values())
 
     def path_slots(self, node: TreeNode) -> torch.Tensor:
-        """Full slots of `[0, node.end)` along the path root..node."""
+        """Device full slots of `[0, node.end)` along the path root..node (all on the
+        device)."""
         pieces = []
         while node.parent is not None:
             pieces.append(node.value)

@@ -17,21 +17,30 @@ from dataclasses import dataclass
 
 import torch
 
-from swakv.cache import ChunkCache, PrefixCache
+from swakv.cache import ChunkCache, HiCache, PrefixCache
+from swakv.cache.tree_host import HostTier
 from swakv.config import EngineConfig, KVLayout, ModelSpec
 from swakv.engine.metrics import EngineMetrics, EngineSnapshot
 from swakv.engine.output import OutputText
 from swakv.engine.runner import BatchItem, ModelRunner
 from swakv.memory.allocator.swa import SWAAllocator
+from swakv.memory.copy_engine import CopyEngine
+from swakv.memory.host_pool import HostKVPool, host_pool_sizes
 from swakv.memory.kv_pool import KVPool
-from swakv.memory.pages import page_ceil, page_floor
+from swakv.memory.pages import Need, page_ceil, page_floor
 from swakv.memory.req_table import ReqTable
 from swakv.model.sampler import Sampler, make_generator
 from swakv.sampling_params import SamplingParams
 from swakv.sched.cost import CostModel
 from swakv.sched.request import FinishReason, Lifecycle, Request
 from swakv.sched.scheduler import Dropped, ScheduledItem, Scheduler
-from swakv.sched.sizing import PoolSizes, PoolTooSmall, capacity_line, size_pools
+from swakv.sched.sizing import (
+    PoolSizes,
+    PoolTooSmall,
+    capacity_line,
+    kv_budget_bytes,
+    size_pools,
+)
 
 log = logging.getLogger("swakv.engine")
 
@@ -116,8 +125,7 @@ class EngineCore:
         self.model_limit = cfg.max_context or spec.max_position_embeddings
         self.max_context = min(self.model_limit, self.sizes.full_tokens)
         self.req_table = ReqTable(cfg.max_running_requests, self.max_context)
-        cache_cls = PrefixCache if cfg.enable_prefix_cache else ChunkCache
-        self.cache = cache_cls(self.allocator, self.req_table, p, window)
+        self.cache = self._make_cache(layout)
         self.runner = ModelRunner(model, self.kv_pool, self.req_table)
         self.sampler = Sampler()
         self.scheduler = Scheduler(self.cost, self.cache, cfg.max_running_requests)
@@ -126,6 +134,23 @@ class EngineCore:
         self._texts: dict[str, OutputText] = {}
         self.metrics = EngineMetrics()
         log.info(capacity_line(self.sizes, self.cost))
+
+    def _make_cache(self, layout: KVLayout):
+        """ChunkCache, PrefixCache, or HiCache when a host tier is configured."""
+        cfg, p, window = self.cfg, self.cfg.page_size, self.spec.window
+        if not cfg.enable_prefix_cache:
+            return ChunkCache(self.allocator, self.req_table, p, window)
+        host_sizes = host_pool_sizes(layout, self.sizes, cfg.host_kv_memory,
+                                     device_budget_bytes=kv_budget_bytes(cfg.kv_memory))
+        if host_sizes is None:
+            return PrefixCache(self.allocator, self.req_table, p, window)
+        host_pool = HostKVPool(layout, host_sizes, device=self.kv_pool.device)
+        tier = HostTier(host_pool, CopyEngine(self.kv_pool, host_pool), cfg.host_backup_threshold)
+        gib = 1 << 30
+        log.info("host KV tier: full %.2f GiB (%d tokens), SWA %.2f GiB (%d tokens)",
+                 host_sizes.full_bytes / gib, host_sizes.full_tokens,
+                 host_sizes.swa_bytes / gib, host_sizes.swa_tokens)
+        return HiCache(self.allocator, self.req_table, p, window, tier)
 
     # ---- submission -----------------------------------------------------------------
     def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -335,6 +360,7 @@ class EngineCore:
             "prefix_lookup_tokens": c.prefix_lookup_tokens,
             "window_miss_tokens": c.window_miss_tokens,
             "full_miss_tokens": c.full_miss_tokens,
+            "host_hit_tokens": c.host_hit_tokens,
             "retractions": c.num_retractions,
             "steps": m.num_steps,
             "scheduled_tokens": m.num_scheduled_tokens,
@@ -344,9 +370,13 @@ class EngineCore:
             "prompt_tokens": m.num_prompt_tokens,
             "output_tokens": m.num_output_tokens,
         }
+        host_total = host_free = Need()
+        if isinstance(self.cache, HiCache):
+            host_total, host_free = self.cache.host_usage()
+            counters.update(self.cache.host_counters())
         return EngineSnapshot(self.allocator.total(), self.allocator.available(), stats.cached,
                               stats.evictable, len(self.scheduler.waiting),
-                              len(self.scheduler.running), counters)
+                              len(self.scheduler.running), counters, host_total, host_free)
 
     def flush_cache(self) -> None:
         """Evict everything the cache holds that no running request pins."""

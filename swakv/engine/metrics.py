@@ -58,6 +58,8 @@ class EngineSnapshot:
     num_waiting: int = 0
     num_running: int = 0
     counters: dict[str, int] = field(default_factory=dict)
+    host_total: Need = Need()  # host tier pools (0 when off)
+    host_free: Need = Need()
 
     @property
     def used(self) -> Need:

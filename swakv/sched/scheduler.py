@@ -69,6 +69,7 @@ class SchedulerCounters:
     prefix_lookup_tokens: int = 0
     window_miss_tokens: int = 0  # full KV was cached but the SWA window was missing
     full_miss_tokens: int = 0
+    host_hit_tokens: int = 0  # part of prefix_hit_tokens loaded back from the host tier
     num_dropped: int = 0
 
 
@@ -167,6 +168,8 @@ class Scheduler:
         match = self.cache.match(req.token_ids[: len(req.token_ids) - 1])
         req.kv = self.cache.admit(req.token_ids, match)
         self._touched.append(req)
+        # A host-tier load-back happened inside admit: its window (and full pages) are
+        # now locked by this request, so `held` and the budget both charge them.
         outstanding = self.cost.outstanding(req)
         if self.running and not outstanding.fits(self._budget(exclude=req)):
             self._unadmit(req)
@@ -182,14 +185,18 @@ class Scheduler:
         return item
 
     def _count_match(self, req: Request, match) -> None:
+        """The hit is what the admission mapped: the device match, plus whatever a host
+        tier loaded back (`protected_len` right after admit)."""
         c = self.counters
+        hit = req.kv.protected_len
         if req.num_retractions == 0:
-            req.cached_prompt_tokens = match.prefix_len
+            req.cached_prompt_tokens = hit
         looked_up = len(req.token_ids)
         c.prefix_lookup_tokens += looked_up
-        c.prefix_hit_tokens += match.prefix_len
-        c.window_miss_tokens += max(0, match.full_only_len - match.prefix_len)
-        c.full_miss_tokens += looked_up - max(match.full_only_len, match.prefix_len)
+        c.prefix_hit_tokens += hit
+        c.host_hit_tokens += hit - match.prefix_len
+        c.window_miss_tokens += max(0, match.full_only_len - hit)
+        c.full_miss_tokens += looked_up - max(match.full_only_len, hit)
 
     def _budget(self, exclude: Request) -> Need:
         """Free + evictable capacity minus what running requests may still allocate."""

@@ -9,6 +9,8 @@ Exported (all token counts are per pool, `pool` = "full" | "swa"):
   swakv_prefix_full_miss_tokens_total   no full KV cached
   swakv_prefix_lookup_tokens_total      tokens looked up at admission
   swakv_retractions_total               requests retracted under memory pressure
+  swakv_host_kv_pool_tokens{pool, state} host tier: state = total | free | used
+  swakv_host_{hit,backed_up_*,loaded_*,demoted,evicted_*}_tokens_total  host tier flows
   swakv_num_requests_{waiting,running}  scheduler queue lengths
   swakv_{prompt,generation}_tokens_total, swakv_requests_{finished,aborted,failed}_total
   swakv_request_latency_seconds, swakv_time_to_first_token_seconds,
@@ -44,6 +46,22 @@ _COUNTERS = {  # snapshot counter -> (metric name without _total, help)
     "failed": ("swakv_requests_failed",
                "Requests failed by an engine error (their step raised, or they could never run)"),
     "steps": ("swakv_engine_steps", "Engine steps that ran a batch"),
+    "host_hit_tokens": ("swakv_host_hit_tokens",
+                        "Prompt tokens served by loading a prefix back from the host tier"),
+    "backed_up_full_tokens": ("swakv_host_backed_up_full_tokens",
+                              "Tokens of full KV copied to the host tier"),
+    "backed_up_swa_tokens": ("swakv_host_backed_up_swa_tokens",
+                             "Tokens of SWA KV copied to the host tier"),
+    "loaded_full_tokens": ("swakv_host_loaded_full_tokens",
+                           "Tokens of full KV loaded back from the host tier"),
+    "loaded_swa_tokens": ("swakv_host_loaded_swa_tokens",
+                          "Tokens of SWA KV loaded back from the host tier (windows only)"),
+    "demoted_tokens": ("swakv_host_demoted_tokens",
+                       "Tokens whose device KV was freed while their host copy stayed"),
+    "host_evicted_full_tokens": ("swakv_host_evicted_full_tokens",
+                                 "Tokens of full KV dropped from the host tier"),
+    "host_evicted_swa_tokens": ("swakv_host_evicted_swa_tokens",
+                                "Tokens of SWA KV dropped from the host tier"),
 }
 
 
@@ -64,6 +82,14 @@ class SnapshotCollector(Collector):
             pools.add_metric(["full", state], need.full)
             pools.add_metric(["swa", state], need.swa)
         yield pools
+        host = GaugeMetricFamily("swakv_host_kv_pool_tokens",
+                                 "Host KV tier tokens by pool (full, swa) and state (0: off)",
+                                 labels=["pool", "state"])
+        for state, need in {"total": s.host_total, "free": s.host_free,
+                            "used": s.host_total - s.host_free}.items():
+            host.add_metric(["full", state], need.full)
+            host.add_metric(["swa", state], need.swa)
+        yield host
         yield GaugeMetricFamily("swakv_num_requests_waiting", "Requests waiting for admission",
                                 value=s.num_waiting)
         yield GaugeMetricFamily("swakv_num_requests_running", "Requests admitted (prefill/decode)",

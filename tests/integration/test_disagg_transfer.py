@@ -296,6 +296,7 @@ class MemmoveBackend(TransferBackend):
         self.fail_on = fail_on
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()  # set once a batch is inside _write_batch
 
     def register(self, tensors) -> str:
         return "local"
@@ -304,6 +305,7 @@ class MemmoveBackend(TransferBackend):
         return peer_info
 
     def _write_batch(self, peer, batch) -> None:
+        self.entered.set()
         self.gate.wait()
         if len(self.batch_sizes) == self.fail_on:
             self.batch_sizes.append(-1)
@@ -371,6 +373,7 @@ def test_disconnect_stops_one_peer_and_a_raising_callback_keeps_the_worker() -> 
     first, second = backend.write("peer-a", one), backend.write("peer-a", one)
     first.add_done_callback(lambda h: 1 / 0)  # logged, not fatal
     worker = backend._workers["peer-a"]
+    assert backend.entered.wait(10)  # the first batch is running, held at the gate
     stopper = threading.Thread(target=backend.disconnect, args=("peer-a",))
     stopper.start()
     deadline = time.monotonic() + 10

@@ -145,6 +145,30 @@ class SWAAllocator:
         self._map_new(new_pages.numpy()[n_full - n_swa :])
         return slots
 
+    def alloc_pages(self, num_full_pages: int, num_tail_pages: int,
+                    remap_full_pages: torch.Tensor | None = None) -> torch.Tensor:
+        """Fresh full pages (returned, int64 page ids in hand-out order), of which the
+        last `num_tail_pages` map to fresh SWA pages; and fresh SWA pages for the
+        allocated, unmapped full pages `remap_full_pages`. All or nothing.
+
+        A host-tier load-back uses it: full pages for the host-only span, SWA only for
+        the window's pages, and SWA for device tombstones inside the window.
+        """
+        remap = (np.zeros(0, dtype=np.int64) if remap_full_pages is None
+                 else as_numpy(remap_full_pages))
+        if not 0 <= num_tail_pages <= num_full_pages:
+            raise ValueError(f"tail of {num_tail_pages} pages out of {num_full_pages}")
+        if remap.size:
+            if self.full.pages._is_free[remap].any() or (self._map[remap] != 0).any():
+                raise KVInvariantError("alloc_pages: remapped full pages must be allocated "
+                                       "and have no SWA page")
+            if np.unique(remap).size != remap.size:
+                raise KVInvariantError("alloc_pages: a full page to remap is named twice")
+        self._check(num_full_pages, num_tail_pages + int(remap.size))
+        pages = self.full.pages.take(num_full_pages).numpy()
+        self._map_new(np.concatenate((pages[num_full_pages - num_tail_pages :], remap)))
+        return torch.from_numpy(pages)
+
     # ---- freeing --------------------------------------------------------------------
     def free(self, full_slots: torch.Tensor) -> None:
         """Free the full pages holding `full_slots` and their mapped SWA pages."""
