@@ -25,7 +25,6 @@ def check_tree(tree: RadixTree) -> None:
     page, host SWA only with host full; every host page has exactly one owner (a node
     or the host free list).
     """
-    p = tree.page
     root = tree.root
     assert root.full_lock >= 1 and root.swa_lock >= 1, "root not locked"
     assert root.parent is None and len(root.key) == 0
