@@ -104,12 +104,13 @@ def drive(eng: EngineCore, tracker: Tracker, on_finish) -> None:
                 on_finish(o.request)
 
 
-def run_chat(eng: EngineCore, tracker: Tracker, seed: int, sessions: int, turns: int) -> list[Request]:
+def run_chat(eng: EngineCore, tracker: Tracker, seed: int, sessions: int, turns: int,
+             output_len: int = 64, system_len: int = 1000, user_len: int = 100) -> list[Request]:
     rng = random.Random(seed)
     vocab = eng.spec.vocab_size
-    system = [eng.spec.bos_token_id or 2] + tokens(rng, 999, vocab)
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    convo = {s: list(system) + tokens(rng, 100, vocab) for s in range(sessions)}
+    system = [eng.spec.bos_token_id or 2] + tokens(rng, system_len - 1, vocab)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    convo = {s: list(system) + tokens(rng, user_len, vocab) for s in range(sessions)}
     turn = dict.fromkeys(range(sessions), 1)
     done: list[Request] = []
     owner: dict[str, int] = {}
@@ -121,7 +122,7 @@ def run_chat(eng: EngineCore, tracker: Tracker, seed: int, sessions: int, turns:
         s = owner[req.request_id]
         if turn[s] < turns:
             turn[s] += 1
-            convo[s] = req.token_ids + tokens(rng, 100, vocab)
+            convo[s] = req.token_ids + tokens(rng, user_len, vocab)
             owner[eng.add_request(convo[s], params).request_id] = s
 
     drive(eng, tracker, on_finish)
