@@ -1,6 +1,10 @@
 """Where one engine step spends its time on the real Gemma 3 270M.
 
-Three steps, each driven through the engine (`build_engine` + `add_request` + `step`):
+First (`throughput`), single-stream speed through the engine: decode tok/s of a
+32-token prompt + 128 new tokens (128 / wall time, prefill included) and prefill tok/s
+of a 2,000-token prompt to its first token (chunks of 512), median of 3, plus the bytes
+the model's linears hold. Then three steps, each driven through the engine
+(`build_engine` + `add_request` + `step`):
 - decode64: a decode step of 64 running requests (each with --context prompt tokens);
 - decode1:  a decode step of one request (--context prompt tokens);
 - prefill1024: one 1,024-token prefill chunk of a fresh prompt (chunk_size 1024; the
@@ -26,8 +30,9 @@ split does not use them).
     engine       Python around the model: scheduling, cache commits, runner glue,
                  output bookkeeping and detokenization
 
-    flock /tmp/swakv-cpu.lock .venv/bin/python bench/profile_step.py \
-        --quantization none --out bench/results/profile_step_none.json
+    flock /tmp/swakv-cpu.lock .venv/bin/python bench/profile_step.py --quantization int8
+
+writes bench/results/profile_step_<quantization>.json (--out to change).
 """
 
 from __future__ import annotations
@@ -211,6 +216,51 @@ def measure(scenario: Scenario, repeats: int, warmup: int) -> dict[str, Any]:
     }
 
 
+def throughput(engine: EngineCore, repeats: int) -> dict[str, float]:
+    """Single-stream tok/s through the engine (median of `repeats`):
+    decode: 32-token prompt + 128 new tokens, 128 / wall time (prefill included);
+    prefill: a 2,000-token prompt to its first token, 2000 / wall time."""
+    vocab = engine.spec.vocab_size
+
+    def run(length: int, new: int, seed: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+        t0 = time.perf_counter()
+        engine.add_request(_prompt(vocab, length, seed), params)
+        while engine.has_unfinished():
+            engine.step()
+        return time.perf_counter() - t0
+
+    run(32, 8, 0)  # warm-up
+    decode = sorted(run(32, 128, 10 + i) for i in range(repeats))[repeats // 2]
+    prefill = sorted(run(2000, 1, 20 + i) for i in range(repeats))[repeats // 2]
+    return {"decode_tok_s": 128 / decode, "prefill_tok_s": 2000 / prefill}
+
+
+def weight_bytes(engine: EngineCore) -> int:
+    """Bytes of the tensors the model's linears hold (all kernels, dense copies included)."""
+    seen: set[int] = set()
+    total = 0
+
+    def visit(obj: Any) -> None:
+        nonlocal total
+        for value in vars(obj).values():
+            if isinstance(value, torch.Tensor) and id(value) not in seen:
+                seen.add(id(value))
+                # oneDNN-prepacked weights are opaque (no storage): count their elements
+                total += (value.numel() * value.element_size() if value.is_mkldnn
+                          else value.untyped_storage().nbytes())
+            elif isinstance(value, dict):
+                for v in value.values():
+                    if hasattr(v, "__dict__"):
+                        visit(v)
+            elif hasattr(value, "__dict__") and not callable(value):
+                visit(value)
+
+    for lin in engine.runner.model.linears.values():
+        visit(lin)
+    return total
+
+
 def build(args: argparse.Namespace, chunk: int) -> EngineCore:
     kw: dict[str, Any] = {}
     if args.quantization != "none":
@@ -247,7 +297,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--kv-memory", type=float, default=float(3 << 30))
-    ap.add_argument("--only", default="decode64,decode1,prefill1024")
+    ap.add_argument("--only", default="throughput,decode64,decode1,prefill1024")
+    ap.add_argument("--throughput-repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="JSON path (default: "
                     "bench/results/profile_step_<quantization>.json)")
     args = ap.parse_args()
@@ -258,6 +309,17 @@ def main() -> None:
         "prefill1024": lambda: Prefill(build(args, 1024), args.context, 1024),
     }
     results: dict[str, dict[str, Any]] = {}
+    extra: dict[str, Any] = {}
+    if "throughput" in wanted:  # before instrumenting: no wrappers in the timed steps
+        wanted.remove("throughput")
+        engine = build(args, 512)
+        extra["linear_weight_bytes"] = weight_bytes(engine)
+        extra["throughput"] = throughput(engine, args.throughput_repeats)
+        del engine
+        t = extra["throughput"]
+        print(f"single stream: decode {t['decode_tok_s']:.1f} tok/s, prefill "
+              f"{t['prefill_tok_s']:.1f} tok/s; linear weights "
+              f"{extra['linear_weight_bytes'] / 2**20:.0f} MiB")
     instrumented = False
     for name in wanted:
         scenario = makers[name]()
@@ -268,13 +330,14 @@ def main() -> None:
         del scenario
     title = (f"step profile: {args.dtype}, quantization {args.quantization}, "
              f"{torch.get_num_threads()} threads, context {args.context}")
-    print_table(title, results)
+    if results:
+        print_table(title, results)
     out = Path(args.out or f"bench/results/profile_step_{args.quantization}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"dtype": args.dtype, "quantization": args.quantization,
             "threads": torch.get_num_threads(), "context": args.context,
             "repeats": args.repeats}
-    out.write_text(json.dumps({"config": meta, "steps": results}, indent=2))
+    out.write_text(json.dumps({"config": meta, **extra, "steps": results}, indent=2))
     print(f"wrote {out}")
 
 
