@@ -238,15 +238,18 @@ def throughput(engine: EngineCore, repeats: int) -> dict[str, float]:
 
 def weight_bytes(engine: EngineCore) -> int:
     """Bytes of the tensors the model's linears hold (all kernels, dense copies included)."""
-    seen: set[int] = set()
+    seen: set[int] = set()  # storages (views such as a transposed weight count once)
     total = 0
 
     def visit(obj: Any) -> None:
         nonlocal total
         for value in vars(obj).values():
-            if isinstance(value, torch.Tensor) and id(value) not in seen:
-                seen.add(id(value))
+            if isinstance(value, torch.Tensor):
                 # oneDNN-prepacked weights are opaque (no storage): count their elements
+                key = id(value) if value.is_mkldnn else value.untyped_storage().data_ptr()
+                if key in seen:
+                    continue
+                seen.add(key)
                 total += (value.numel() * value.element_size() if value.is_mkldnn
                           else value.untyped_storage().nbytes())
             elif isinstance(value, dict):
