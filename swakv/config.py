@@ -122,6 +122,9 @@ class KVLayout:
         )
 
 
+QUANTIZATION_MODES = ("none", "int8", "int4", "w8a8")  # swakv.model.quant.Quantization
+
+
 def _help(text: str, **kw):
     """A dataclass field with `--help` text (the CLI builds its flags from these)."""
     return field(metadata={"help": text}, **kw)
@@ -169,6 +172,13 @@ class EngineConfig:
     )
     dtype: str = _help("model and KV dtype: float32 (exact) or bfloat16 (fast)", default="float32")
     num_threads: int | None = _help("torch CPU threads; default: all cores", default=None)
+    quantization: str = _help(
+        "weight quantization: none (dtype weights; float32 is the exact reference), int8 "
+        "(weight-only, per output channel), int4 (weight-only, groups of 32) or w8a8 (int8 "
+        "weights, int8 per-token activations for large batches); quantized modes are NOT "
+        "exact and pick the fastest kernel per batch size",
+        default="none",
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -181,6 +191,8 @@ class EngineConfig:
             (self.frontier_stride >= 1, "frontier_stride must be >= 1"),
             (self.host_backup_threshold >= 1, "host_backup_threshold must be >= 1"),
             (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+            (self.quantization in QUANTIZATION_MODES,
+             "quantization must be one of " + ", ".join(QUANTIZATION_MODES)),
         ]
         for ok, message in checks:
             if not ok:

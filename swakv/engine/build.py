@@ -29,7 +29,7 @@ def build_engine(model: str | None, cfg: EngineConfig, sizes: PoolSizes | None =
     path = resolve_model(model)
     loaded = load_model_dir(path)
     tokenizer = Tokenizer.from_dir(path, extra_eos_ids=loaded.spec.eos_token_ids)
-    net = Gemma3Model(loaded.spec, loaded.weights, dtype=cfg.torch_dtype)
+    net = Gemma3Model(loaded.spec, loaded.weights, cfg.torch_dtype, quantization=cfg.quantization, weights_dir=path)
     log.info("loaded %s from %s", loaded.spec.arch, path)
     return EngineCore(loaded.spec, net, tokenizer, cfg, sizes=sizes)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from swakv.config import AttentionSpec, ModelSpec
 from swakv.memory.kv_pool import KVPool
 from swakv.model.attention import AttentionMetadata, attend
+from swakv.model.quant import DenseKernel, Quantization, QuantLinear, build_linears, mkldnn_bf16
 from swakv.model.rope import RopeKey, apply_rope, inv_freq, rope_cos_sin
 
 
@@ -38,31 +40,11 @@ def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torc
     return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight_plus_one).to(x.dtype)
 
 
-class Linear:
-    """y = x @ W^T for W [out, in] held in the model dtype.
-
-    bf16 weights are prepacked once into oneDNN's blocked layout when the CPU has
-    bf16 support (`prepack`): results are bit-identical to F.linear and 1.3-2x faster
-    for decode-sized batches. fp32 weights stay plain (MKL, like transformers).
-    """
-
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, prepack: bool = True) -> None:
-        w = weight.to(dtype).contiguous()
-        self.out_features, self.in_features = w.shape
-        self._packed: torch.Tensor | None = None
-        self._plain: torch.Tensor | None = w
-        if prepack and dtype == torch.bfloat16 and _mkldnn_bf16():
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w)
-            self._plain = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
-        return F.linear(x, self._plain)  # type: ignore[arg-type]
-
-
-def _mkldnn_bf16() -> bool:
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+# Dense y = x @ W^T in the model dtype (the `none` path): bf16 weights are prepacked
+# for oneDNN, bit-identical to F.linear. Quantized modes use swakv.model.quant's
+# QuantLinear (row-count dispatch between weight-only, dense and int8 kernels).
+Linear = DenseKernel
+_mkldnn_bf16 = mkldnn_bf16
 
 
 @dataclass(frozen=True)
@@ -76,10 +58,10 @@ class _Layer:
     """
 
     attn: AttentionSpec
-    qkv: Linear
-    o: Linear
-    gate_up: Linear
-    down: Linear
+    qkv: DenseKernel | QuantLinear
+    o: DenseKernel | QuantLinear
+    gate_up: DenseKernel | QuantLinear
+    down: DenseKernel | QuantLinear
     input_norm: torch.Tensor
     post_attn_norm: torch.Tensor
     pre_ff_norm: torch.Tensor
@@ -102,41 +84,57 @@ class Gemma3Model:
         weights: Mapping[str, torch.Tensor],
         dtype: torch.dtype = torch.float32,
         prepack: bool = True,
+        quantization: Quantization | str = Quantization.NONE,
+        weights_dir: Path | None = None,
     ) -> None:
+        """`quantization` (see swakv.model.quant) applies to every projection and the
+        LM head; the embedding lookup always reads exact `dtype` rows. Packed weights
+        are cached on disk beside the model in `weights_dir` (None: not cached)."""
         if spec.query_pre_attn_scalar is None:
             raise ValueError("Gemma 3 needs query_pre_attn_scalar")
         self.spec = spec
         self.dtype = dtype
+        self.quantization = Quantization(quantization)
         self.eps = spec.rms_norm_eps
         self.num_heads = spec.num_heads
         self.scale = float(spec.query_pre_attn_scalar) ** -0.5
         self.attn_softcap = spec.attn_logit_softcap
         self.final_softcap = spec.final_logit_softcap
 
-        def lin(w: torch.Tensor) -> Linear:
-            return Linear(w, dtype, prepack)
-
         def norm(name: str) -> torch.Tensor:
             return 1.0 + weights[name].float()
 
         self.embed = weights["model.embed_tokens.weight"].to(dtype).contiguous()
         tied = spec.tie_word_embeddings or "lm_head.weight" not in weights
-        self.lm_head = lin(self.embed if tied else weights["lm_head.weight"])
+        # source weights [out, in] of every linear, by name "lm_head" / "layers.{i}.{role}"
+        sources: dict[str, torch.Tensor] = {
+            "lm_head": weights["model.embed_tokens.weight" if tied else "lm_head.weight"]
+        }
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}."
+            sources |= {
+                f"layers.{i}.qkv": torch.cat(
+                    [weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
+                f"layers.{i}.o": weights[p + "self_attn.o_proj.weight"],
+                f"layers.{i}.gate_up": torch.cat(
+                    [weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]]),
+                f"layers.{i}.down": weights[p + "mlp.down_proj.weight"],
+            }
+        self.linears = build_linears(sources, self.quantization, dtype, prepack, weights_dir)
+        self.lm_head = self.linears["lm_head"]
         # HF: torch.tensor(sqrt(hidden)) (fp32) cast to the weight dtype
         self.embed_scale = torch.tensor(spec.hidden_size**0.5).to(dtype)
         self.final_norm = norm("model.norm.weight")
         self.layers: list[_Layer] = []
         for i, attn in enumerate(spec.layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
-            gate_up = torch.cat([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]])
             self.layers.append(
                 _Layer(
                     attn=attn,
-                    qkv=lin(qkv),
-                    o=lin(weights[p + "self_attn.o_proj.weight"]),
-                    gate_up=lin(gate_up),
-                    down=lin(weights[p + "mlp.down_proj.weight"]),
+                    qkv=self.linears[f"layers.{i}.qkv"],
+                    o=self.linears[f"layers.{i}.o"],
+                    gate_up=self.linears[f"layers.{i}.gate_up"],
+                    down=self.linears[f"layers.{i}.down"],
                     input_norm=norm(p + "input_layernorm.weight"),
                     post_attn_norm=norm(p + "post_attention_layernorm.weight"),
                     pre_ff_norm=norm(p + "pre_feedforward_layernorm.weight"),

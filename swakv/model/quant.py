@@ -1,0 +1,440 @@
+"""Quantized linear layers: weight formats, kernels and the row-count dispatch.
+
+Modes (`--quantization`, vLLM's flag name; the values name the arithmetic, as torchao
+and SGLang do: `int8` / `int4` weight-only, `w8a8` for int8 weights x int8
+activations, vLLM's and SGLang's name for that scheme):
+
+    none  the model dtype's dense weights (float32 is the exact reference path)
+    int8  weight-only int8, symmetric per output channel: w ~ q * s, q in [-127, 127]
+    int4  weight-only int4, asymmetric per group of INT4_GROUP_SIZE input columns:
+          w ~ (q - 8) * s + z, q in [0, 15] (torch's tinygemm convention)
+    w8a8  the int8 weights above times int8 activations quantized per token on the
+          fly (x ~ qx * sx, sx = max|x_row| / 127), int32 accumulation
+
+No quantized mode is exact. In every mode the quantized weights ARE the weights: each
+linear holds one set of effective weights, and the dispatch only picks the kernel
+that is fastest for the number of rows in the batch (see DISPATCH). Where that is a
+dense GEMM (from a handful of rows on), it runs on a model-dtype copy of the
+dequantized weights, so a token's result does not depend on the batch it lands in
+beyond float rounding. Activations are quantized only by the w8a8 kernel, which
+`w8a8` runs for large batches (prefill chunks); its small batches run like `int8`.
+
+Quality (bench/quant_quality.py: 32 prompts x 64 tokens teacher-forced on the
+float32 greedy continuation, bf16 activations; top-1 agreement / mean KL vs float32):
+bf16 none 98.2% / 0.0006; int8 96.4-97.1% / 0.0043; w8a8 94.8% / 0.015 on its
+large-batch path (int8 on small batches); int4 84.5% / 0.17. The default model's
+weights are already 4-6-bit GGUF values (q/k/v and gate/up Q5_0, o Q4_K, down Q4_K /
+Q6_K, embedding Q8_0): int4 keeps the Q4_K ones almost exactly (groups of 32 match
+Q4_K's sub-blocks) but must drop a bit of every Q5_0 value, which no data-free
+rounding recovers (an MSE-searched clipping range gained under 10%).
+
+Memory: the dense copies are kept because every role's dispatch needs them, so
+`int8` / `int4` / `w8a8` hold the packed weights in addition to what `none` holds
+(linears of the default model: 768 / 671 / 768 MiB, bf16 `none` 511 MiB); they buy speed for
+small batches, not memory. The tied LM head's embedding table stays exact either way.
+
+Kernels (all existing torch ops, no Python loops over rows or groups):
+- dense: oneDNN prepacked bf16 (`mkldnn._linear_pointwise`), else F.linear;
+- int8 weight-only: `aten._weight_int8pack_mm` (x [M, K], q [N, K], s [N]);
+- int4 weight-only: `aten._weight_int4pack_mm_for_cpu` (tinygemm layout from
+  `aten._convert_weight_to_int4pack_for_cpu`; CPU only: other devices take the
+  dense kernel on the dequantized weights);
+- w8a8: `torch._int_mm` (int8 x int8 -> int32, VNNI on x86) with per-token and
+  per-channel scales applied to the int32 result.
+torchao's CPU int4 layout calls the same `_weight_int4pack_mm_for_cpu`, and its own
+C++ CPU kernels need AMX (this machine has none) and a build for this torch, so
+torchao adds no faster kernel here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+class Quantization(StrEnum):
+    NONE = "none"
+    INT8 = "int8"
+    INT4 = "int4"
+    W8A8 = "w8a8"
+
+
+INT4_GROUP_SIZE = 32  # input columns per int4 scale/zero (GGUF Q4_K sub-blocks are 32 wide)
+INT8_MAX = 127
+
+
+def mkldnn_bf16() -> bool:
+    """Whether oneDNN can run bf16 matmuls on this CPU (prepacked weights pay off)."""
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
+# ---------------------------------------------------------------------- weight formats
+
+
+@dataclass(frozen=True)
+class Int8Weights:
+    """Symmetric per-output-channel int8: w[n, k] ~ qweight[n, k] * scales[n].
+
+    qweight int8 [N, K] in [-127, 127]; scales fp32 [N] (> 0; 1.0 for all-zero rows).
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor) -> Int8Weights:
+        w = w.float()
+        amax = w.abs().amax(dim=1)
+        scales = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+        q = torch.round(w / scales[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+        return cls(q.contiguous(), scales.contiguous())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The effective weights [N, K], with the scales rounded to `dtype` as the
+        kernels use them."""
+        s = self.scales.to(dtype).float()
+        return (self.qweight.float() * s[:, None]).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"qweight": self.qweight, "scales": self.scales}
+
+
+@dataclass(frozen=True)
+class Int4Weights:
+    """Asymmetric groupwise int4: w[n, k] ~ (q[n, k] - 8) * scales[n, g] + zeros[n, g],
+    g = k // group_size, q in [0, 15].
+
+    `packed` uint8 [N, K / 2] holds two values per byte: column 2j in the low nibble,
+    2j + 1 in the high nibble (a device-independent format; kernels repack it).
+    scales, zeros fp32 [N, K / group_size]. Quantization maps each group's min to q 0
+    and max to q 15, so a group already on a 16-level grid (GGUF Q4_K) is kept exactly
+    up to the rounding of its scale and zero.
+    """
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Int4Weights:
+        n, k = w.shape
+        if k % group_size or group_size % 2:
+            raise ValueError(f"in_features {k} is not a multiple of int4 group {group_size}")
+        g = w.float().reshape(n, k // group_size, group_size)
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scales = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(lo))
+        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8)
+        zeros = lo + 8 * scales
+        return cls(pack_int4(q.reshape(n, k)), scales.contiguous(), zeros.contiguous(),
+                   group_size)
+
+    def unpack(self) -> torch.Tensor:
+        """q uint8 [N, K] in [0, 15]."""
+        return unpack_int4(self.packed)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The effective weights [N, K], scales and zeros rounded to `dtype` as the
+        kernels use them."""
+        n, k = self.packed.shape[0], 2 * self.packed.shape[1]
+        q = self.unpack().float().reshape(n, k // self.group_size, self.group_size)
+        s = self.scales.to(dtype).float()[..., None]
+        z = self.zeros.to(dtype).float()[..., None]
+        return ((q - 8) * s + z).reshape(n, k).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] values in [0, 15] -> uint8 [N, K / 2], low nibble = even column."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [N, K / 2] -> uint8 [N, K]."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+# --------------------------------------------------------------------------- kernels
+
+Kernel = Callable[[torch.Tensor], torch.Tensor]  # x [M, K] -> y [M, N] in x's dtype
+
+
+class DenseKernel:
+    """y = x @ W^T for W [out, in] held in the model dtype.
+
+    bf16 weights are prepacked once into oneDNN's blocked layout when the CPU has bf16
+    support (`prepack`): results are bit-identical to F.linear and 1.3-2x faster for
+    decode-sized batches. Other dtypes and devices stay plain (MKL for fp32, like
+    transformers).
+    """
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, prepack: bool = True) -> None:
+        w = weight.to(dtype).contiguous()
+        self.out_features, self.in_features = w.shape
+        self._packed: torch.Tensor | None = None
+        self._plain: torch.Tensor | None = w
+        if prepack and dtype == torch.bfloat16 and w.device.type == "cpu" and mkldnn_bf16():
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(w)
+            self._plain = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+        return F.linear(x, self._plain)  # type: ignore[arg-type]
+
+
+class Int8WeightOnlyKernel:
+    """`aten._weight_int8pack_mm`: x (bf16/fp32) times int8 weights, scales in x's dtype."""
+
+    def __init__(self, w: Int8Weights, dtype: torch.dtype) -> None:
+        self.qweight = w.qweight
+        self.scales = w.scales.to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+
+
+class Int4WeightOnlyKernel:
+    """`aten._weight_int4pack_mm_for_cpu` on the tinygemm layout (CPU only)."""
+
+    def __init__(self, w: Int4Weights, dtype: torch.dtype) -> None:
+        q = w.unpack().to(torch.int32)
+        self.group_size = w.group_size
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        # [K / group, N, 2]: scale and zero of group g for output n
+        self.scales_zeros = torch.stack((w.scales, w.zeros), dim=-1).transpose(0, 1)
+        self.scales_zeros = self.scales_zeros.contiguous().to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, self.group_size, self.scales_zeros
+        )
+
+
+class W8A8Kernel:
+    """Dynamic per-token int8 activations x per-channel int8 weights on `torch._int_mm`.
+
+    For row m: sx[m] = max_k |x[m, k]| / 127 (1 for an all-zero row),
+    qx = round(x / sx) in [-127, 127], y[m, n] = (sum_k qx[m, k] q[n, k]) sx[m] s[n]
+    with int32 accumulation (exact: |sum| <= 127 * 127 * K < 2^31 for K < 133,000).
+    """
+
+    def __init__(self, w: Int8Weights, dtype: torch.dtype) -> None:
+        self.qweight_t = w.qweight.t()  # [K, N] view: _int_mm takes it as is
+        self.scales = w.scales.to(dtype).float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        qx, sx = quantize_per_token(x)
+        acc = torch._int_mm(qx, self.qweight_t)
+        return (acc.float().mul_(sx).mul_(self.scales)).to(x.dtype)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 [M, K], fp32 scales [M, 1]) with x ~ q * scale per row.
+
+    |x / scale| <= 127 by construction (scale = max|x_row| / 127), so rounding never
+    leaves [-127, 127]; the only temporaries are |x| in x's dtype and one fp32 [M, K].
+    """
+    amax = x.abs().amax(dim=1, keepdim=True).float()
+    sx = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    return torch.div(x, sx).round_().to(torch.int8), sx
+
+
+# --------------------------------------------------------------------------- dispatch
+
+LINEAR_ROLES = ("qkv", "o", "gate_up", "down", "lm_head")
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Which kernel runs a linear of one role in one mode, by the batch's row count.
+
+    `steps[i] = (min_rows, kernel)`, min_rows strictly increasing from 1: a batch of M
+    rows runs the kernel of the last step with min_rows <= M. Kernel names: "dense"
+    (model-dtype GEMM on the dequantized weights), "int8" (weight-only int8), "int4"
+    (weight-only int4), "w8a8" (torch._int_mm on per-token int8 activations).
+    """
+
+    steps: tuple[tuple[int, str], ...]
+
+    def __post_init__(self) -> None:
+        rows = [m for m, _ in self.steps]
+        if not rows or rows[0] != 1 or any(b <= a for a, b in zip(rows, rows[1:])):
+            raise ValueError(f"dispatch steps must start at 1 row and increase: {self.steps}")
+
+    def kernel_for(self, num_rows: int) -> str:
+        name = self.steps[0][1]
+        for min_rows, kernel in self.steps[1:]:
+            if num_rows < min_rows:
+                break
+            name = kernel
+        return name
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        return tuple(k for _, k in self.steps)
+
+
+def _d(*steps: tuple[int, str]) -> Dispatch:
+    return Dispatch(tuple(steps))
+
+
+# Measured with bench/quant_kernels.py (Gemma 3 270M shapes, bf16 activations, 2
+# threads, Xeon with AVX512-VNNI and AVX512-BF16, no AMX; fastest call, minimum over
+# three runs, because other jobs share the two cores). Each switch is at the first
+# row count from which the next kernel is faster at that count and at the larger ones
+# measured (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024;
+# the LM head, which sees one row per sequence, up to 256), with one exception the
+# switches ignore: w8a8 lost to dense at 768 rows (qkv 1.61 vs 1.49 ms, gate_up 9.6 vs
+# 4.0 ms) while winning at 384, 512 and 1024; with glibc's mmap threshold raised
+# (MALLOC_MMAP_THRESHOLD_=256MiB) it won at 768 too (1.17 vs 1.65, 3.2 vs 4.2 ms), so
+# that is page faults on its fresh multi-MB temporaries, an allocator effect. Other
+# models use the switches of the same role.
+# ms per call, bf16 dense / int8 / int4 / w8a8:
+#   role     N x K          M=1                    M=8                   M=1024
+#   qkv      1536 x 640     .023/.015/.015/.026    .033/.051/.048/.046   1.97/6.28/5.74/1.68
+#   o        640 x 1024     .019/.011/.012/.023    .026/.034/.033/.053   1.27/3.85/3.78/1.16
+#   gate_up  4096 x 640     .043/.032/.036/.034    .063/.131/.121/.089   5.13/16.9/15.6/4.57
+#   down     640 x 2048     .027/.017/.019/.026    .039/.060/.062/.088   2.67/7.67/7.73/2.40
+#   lm_head  262144 x 640   7.35/4.90/3.03/3.87    7.13/11.6/8.75/10.3   (M=64) 26.4/104/82.5/59.5
+# Weight-only kernels win only while reading the weights dominates (a few rows); the
+# int8 GEMM beats oneDNN's prepacked bf16 GEMM by 10-25% from a few dozen rows on for
+# the layers, and never for the LM head (its int32 -> bf16 rescale of [M, 262144]
+# costs more than the GEMM saves). The w8a8 mode does not use it for `down` although
+# it is 10-18% faster there from 96 rows: down's input, GELU(gate) * up, has outlier
+# channels that per-token int8 rounds worst (bench/quant_quality.py subset, KL over
+# bf16 with only that role on w8a8: down +0.014, qkv +0.007, gate_up +0.006, o +0.001)
+# for the smallest time saved (~5 ms of a ~600 ms 1,024-token prefill chunk).
+DISPATCH: dict[Quantization, dict[str, Dispatch]] = {
+    Quantization.INT8: {
+        "qkv": _d((1, "int8"), (4, "dense")),
+        "o": _d((1, "int8"), (8, "dense")),
+        "gate_up": _d((1, "int8"), (4, "dense")),
+        "down": _d((1, "int8"), (4, "dense")),
+        "lm_head": _d((1, "int8"), (8, "dense")),
+    },
+    Quantization.INT4: {
+        "qkv": _d((1, "int4"), (4, "dense")),
+        "o": _d((1, "int4"), (8, "dense")),
+        "gate_up": _d((1, "int4"), (4, "dense")),
+        "down": _d((1, "int4"), (4, "dense")),
+        "lm_head": _d((1, "int4"), (8, "dense")),
+    },
+    Quantization.W8A8: {
+        "qkv": _d((1, "int8"), (4, "dense"), (64, "w8a8")),
+        "o": _d((1, "int8"), (8, "dense"), (256, "w8a8")),
+        "gate_up": _d((1, "int8"), (4, "dense"), (32, "w8a8")),
+        "down": _d((1, "int8"), (4, "dense")),  # see below: w8a8 costs most there
+        "lm_head": _d((1, "int8"), (8, "dense")),
+    },
+}
+
+
+class QuantLinear:
+    """y = x @ W^T on quantized weights; the kernel is picked by the row count of x.
+
+    x: [..., in_features] in the model dtype (leading dims are flattened into rows),
+    y: [..., out_features] in the same dtype. `dispatch` may be replaced at run time
+    (tests and the quality bench force one kernel with `Dispatch(((1, name),))`); it
+    may only name kernels in `kernels`.
+    """
+
+    def __init__(self, kernels: dict[str, Kernel], dispatch: Dispatch,
+                 out_features: int, in_features: int) -> None:
+        self.kernels = kernels
+        self.out_features, self.in_features = out_features, in_features
+        self.dispatch = dispatch
+
+    @property
+    def dispatch(self) -> Dispatch:
+        return self._dispatch
+
+    @dispatch.setter
+    def dispatch(self, dispatch: Dispatch) -> None:
+        missing = set(dispatch.kernels) - set(self.kernels)
+        if missing:
+            raise ValueError(f"dispatch names kernels this linear lacks: {sorted(missing)}")
+        self._dispatch = dispatch
+        # (min_rows, kernel) pairs, resolved once: the hot path is a short scan
+        self._steps = [(m, self.kernels[k]) for m, k in dispatch.steps]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        rows = x2.shape[0]
+        kernel = self._steps[0][1]
+        for min_rows, k in self._steps[1:]:
+            if rows < min_rows:
+                break
+            kernel = k
+        return kernel(x2).reshape(*lead, self.out_features)
+
+
+PackedWeights = Int8Weights | Int4Weights
+
+
+def quantize_weight(mode: Quantization, w: torch.Tensor) -> PackedWeights:
+    """The packed weights of `mode` for w [N, K] (int8 and w8a8 share one format)."""
+    if mode is Quantization.INT4:
+        return Int4Weights.quantize(w)
+    if mode in (Quantization.INT8, Quantization.W8A8):
+        return Int8Weights.quantize(w)
+    raise ValueError(f"mode {mode} has no packed weights")
+
+
+def make_quant_linear(mode: Quantization, role: str, packed: PackedWeights,
+                      dtype: torch.dtype, prepack: bool = True) -> QuantLinear:
+    """The dispatching linear of `role` (one of LINEAR_ROLES) for `mode`.
+
+    Only the kernels its dispatch names are built: the dense one holds a model-dtype
+    copy of the dequantized weights. Off the CPU every row count runs dense (the
+    weight-only CPU kernels do not exist there).
+    """
+    plan = DISPATCH[mode][role]
+    if isinstance(packed, Int4Weights):
+        n, k = packed.packed.shape[0], 2 * packed.packed.shape[1]
+        device = packed.packed.device
+    else:
+        (n, k), device = packed.qweight.shape, packed.qweight.device
+    if device.type != "cpu":
+        plan = Dispatch(((1, "dense"),))
+    makers: dict[str, Callable[[], Kernel]] = {
+        "dense": lambda: DenseKernel(packed.dequantize(dtype), dtype, prepack),
+        "int8": lambda: Int8WeightOnlyKernel(packed, dtype),  # type: ignore[arg-type]
+        "int4": lambda: Int4WeightOnlyKernel(packed, dtype),  # type: ignore[arg-type]
+        "w8a8": lambda: W8A8Kernel(packed, dtype),  # type: ignore[arg-type]
+    }
+    return QuantLinear({name: makers[name]() for name in set(plan.kernels)}, plan, n, k)
+
+
+def build_linears(
+    sources: Mapping[str, torch.Tensor],
+    mode: Quantization,
+    dtype: torch.dtype,
+    prepack: bool = True,
+    weights_dir: Path | None = None,
+) -> dict[str, DenseKernel | QuantLinear]:
+    """One linear per source weight [out, in], by name ("lm_head", "layers.3.qkv"):
+    DenseKernel for `none`, else the QuantLinear of its role (the name's last part)
+    on packed weights read from, or written to, the cache of `weights_dir` (None: no
+    disk cache)."""
+    if mode is Quantization.NONE:
+        return {name: DenseKernel(w, dtype, prepack) for name, w in sources.items()}
+    from swakv.model.quant_cache import load_or_quantize, quant_cache_dir
+
+    cache = quant_cache_dir(weights_dir) if weights_dir is not None else None
+    packed = load_or_quantize(mode, sources, cache)
+    return {
+        name: make_quant_linear(mode, name.rsplit(".", 1)[-1], p, dtype, prepack)
+        for name, p in packed.items()
+    }

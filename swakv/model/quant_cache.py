@@ -1,0 +1,165 @@
+"""On-disk cache of quantized (packed) weights, beside the dequantized model files.
+
+Layout: `<dir>/<format>-<digest[:16]>.safetensors`, where
+- `<dir>` is `<model dir>/quant/` when the model directory lives under swakv's cache
+  (`loader.cache_dir()`, e.g. a converted GGUF), else `cache_dir()/quant/` (swakv never
+  writes into a user's model directory);
+- `<format>` names the packed format: "int8" (shared by modes int8 and w8a8, which use
+  the same weights) or "int4-g<group size>";
+- `<digest>` is the sha256 of the format version, the format and every source tensor
+  (name, dtype, shape and bytes, in name order).
+The file holds, per linear name, the plain tensors of its packed weights
+("<name>.qweight", ...) and metadata {format_version, format, digest}. It is written
+to a temporary file in the same directory and renamed into place, so it exists
+complete or not at all. A file that cannot be read, or whose metadata, tensor names,
+dtypes or shapes do not match, is rebuilt and replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from swakv.model.quant import (
+    INT4_GROUP_SIZE,
+    Int4Weights,
+    Int8Weights,
+    PackedWeights,
+    Quantization,
+    quantize_weight,
+)
+
+FORMAT_VERSION = "1"  # bump when quantization or the file layout changes
+log = logging.getLogger("swakv.model")
+
+
+def packed_format(mode: Quantization) -> str:
+    if mode is Quantization.INT4:
+        return f"int4-g{INT4_GROUP_SIZE}"
+    if mode in (Quantization.INT8, Quantization.W8A8):
+        return "int8"
+    raise ValueError(f"mode {mode} has no packed weights")
+
+
+def quant_cache_dir(model_dir: Path) -> Path:
+    """Where packed weights of the model in `model_dir` are cached (see module doc)."""
+    from swakv.model.loader import cache_dir
+
+    root = cache_dir().resolve()
+    model_dir = model_dir.resolve()
+    if model_dir.is_relative_to(root):
+        return model_dir / "quant"
+    return root / "quant"
+
+
+def source_digest(fmt: str, sources: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the format and every source tensor (name, dtype, shape, bytes)."""
+    h = hashlib.sha256(f"swakv-quant/{FORMAT_VERSION}/{fmt}".encode())
+    for name in sorted(sources):
+        t = sources[name].detach().to("cpu").contiguous()
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(memoryview(t.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def cache_path(cache: Path, fmt: str, digest: str) -> Path:
+    return cache / f"{fmt}-{digest[:16]}.safetensors"
+
+
+def load_or_quantize(
+    mode: Quantization, sources: Mapping[str, torch.Tensor], cache: Path | None
+) -> dict[str, PackedWeights]:
+    """Packed weights of `mode` for every source weight [N, K] (by linear name).
+
+    With `cache` (a directory), reads them from the cache file when it is complete and
+    matches the sources, else quantizes and writes the file. Without, quantizes.
+    """
+    if cache is None:
+        return {name: quantize_weight(mode, w) for name, w in sources.items()}
+    fmt = packed_format(mode)
+    digest = source_digest(fmt, sources)
+    path = cache_path(cache, fmt, digest)
+    expected = {name: _expected_shapes(mode, w) for name, w in sources.items()}
+    if path.is_file():
+        packed = _read(path, mode, fmt, digest, expected)
+        if packed is not None:
+            return packed
+    packed = {name: quantize_weight(mode, w) for name, w in sources.items()}
+    _write(path, fmt, digest, packed)
+    return packed
+
+
+def _expected_shapes(mode: Quantization, w: torch.Tensor) -> dict[str, tuple[torch.dtype, tuple]]:
+    n, k = w.shape
+    if mode is Quantization.INT4:
+        g = k // INT4_GROUP_SIZE
+        return {"packed": (torch.uint8, (n, k // 2)), "scales": (torch.float32, (n, g)),
+                "zeros": (torch.float32, (n, g))}
+    return {"qweight": (torch.int8, (n, k)), "scales": (torch.float32, (n,))}
+
+
+def _read(path: Path, mode: Quantization, fmt: str, digest: str,
+          expected: Mapping[str, Mapping[str, tuple[torch.dtype, tuple]]]
+          ) -> dict[str, PackedWeights] | None:
+    """The packed weights in `path`, or None (logged) if it is unreadable or stale."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            want = {"format_version": FORMAT_VERSION, "format": fmt, "digest": digest}
+            if any(meta.get(k) != v for k, v in want.items()):
+                log.warning("stale quantized weights %s (metadata %s); rebuilding", path, meta)
+                return None
+            names = {f"{lin}.{field}" for lin, fields in expected.items() for field in fields}
+            if set(f.keys()) != names:
+                log.warning("quantized weights %s hold other tensors; rebuilding", path)
+                return None
+            tensors = {k: f.get_tensor(k) for k in names}
+    except Exception as e:  # SafetensorError, OSError, ValueError: truncated or corrupt
+        log.warning("cannot read quantized weights %s (%s); rebuilding", path, e)
+        return None
+    for lin, fields in expected.items():
+        for field, (dtype, shape) in fields.items():
+            t = tensors[f"{lin}.{field}"]
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                log.warning("quantized weights %s: %s.%s is %s %s, expected %s %s; rebuilding",
+                            path, lin, field, t.dtype, tuple(t.shape), dtype, shape)
+                return None
+    if mode is Quantization.INT4:
+        return {lin: Int4Weights(tensors[f"{lin}.packed"], tensors[f"{lin}.scales"],
+                                 tensors[f"{lin}.zeros"], INT4_GROUP_SIZE) for lin in expected}
+    return {lin: Int8Weights(tensors[f"{lin}.qweight"], tensors[f"{lin}.scales"])
+            for lin in expected}
+
+
+def _write(path: Path, fmt: str, digest: str, packed: Mapping[str, PackedWeights]) -> None:
+    """Write atomically (temporary file in the same directory, then rename).
+
+    A cache that cannot be written (read-only directory, full disk) is logged and
+    skipped: the packed weights are still used from memory.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {f"{lin}.{field}": t.contiguous() for lin, w in packed.items()
+               for field, t in w.tensors().items()}
+    meta = {"format_version": FORMAT_VERSION, "format": fmt, "digest": digest}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        log.warning("cannot cache quantized weights at %s: %s", path, e)

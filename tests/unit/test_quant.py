@@ -1,0 +1,412 @@
+"""Quantized linears: packing, kernels against a dequantized reference, dispatch by row
+count, and the on-disk cache of packed weights."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from swakv.config import QUANTIZATION_MODES, EngineConfig, KVLayout
+from swakv.engine.runner import BatchItem, ModelRunner
+from swakv.memory import KVPool, ReqTable, SWAAllocator
+from swakv.model import quant_cache
+from swakv.model.gemma3 import Gemma3Model
+from swakv.model.loader import load_model_dir
+from swakv.model.quant import (
+    DISPATCH,
+    INT4_GROUP_SIZE,
+    LINEAR_ROLES,
+    DenseKernel,
+    Dispatch,
+    Int4WeightOnlyKernel,
+    Int4Weights,
+    Int8WeightOnlyKernel,
+    Int8Weights,
+    Quantization,
+    QuantLinear,
+    W8A8Kernel,
+    make_quant_linear,
+    pack_int4,
+    quantize_per_token,
+    unpack_int4,
+)
+from swakv.model.quant_cache import cache_path, load_or_quantize, packed_format, source_digest
+from swakv.model.testing import make_tiny_gemma3_dir
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _rand(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+# ------------------------------------------------------------------------- packing
+
+
+def test_pack_int4_nibble_order() -> None:
+    q = torch.tensor([[1, 2, 3, 4], [15, 0, 0, 15]], dtype=torch.uint8)
+    packed = pack_int4(q)
+    assert packed.tolist() == [[0x21, 0x43], [0x0F, 0xF0]]
+    assert torch.equal(unpack_int4(packed), q)
+
+
+def test_pack_unpack_int4_round_trip() -> None:
+    q = torch.randint(0, 16, (37, 96), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(unpack_int4(pack_int4(q)), q.to(torch.uint8))
+
+
+def test_int8_quantize_recovers_values_on_its_grid() -> None:
+    q = torch.randint(-127, 128, (8, 64), generator=torch.Generator().manual_seed(1))
+    q[:, 0] = 127  # every row reaches the grid's end, so max|w| / 127 is the step
+    steps = torch.tensor([0.5, 0.25, 2.0, 1.0, 0.125, 4.0, 0.0625, 8.0])
+    w = q.float() * steps[:, None]
+    packed = Int8Weights.quantize(w)
+    assert torch.equal(packed.qweight, q.to(torch.int8))
+    assert torch.equal(packed.scales, steps)
+    assert torch.equal(packed.dequantize(), w)
+
+
+def test_int8_quantize_zero_row_and_error_bound() -> None:
+    w = _rand(16, 80, seed=2)
+    w[3] = 0
+    packed = Int8Weights.quantize(w)
+    assert packed.scales[3].item() == 1.0 and not packed.qweight[3].any()
+    assert int(packed.qweight.abs().max()) == 127
+    err = (packed.dequantize() - w).abs()
+    assert bool((err <= packed.scales[:, None] / 2 + 1e-7).all())
+
+
+def test_int4_quantize_keeps_a_16_level_grid_exactly() -> None:
+    """Groups whose values lie on a 16-level grid from their min to their max (GGUF
+    Q4_K's layout) round-trip exactly."""
+    n, k = 4, 2 * INT4_GROUP_SIZE
+    q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(4))
+    q[:, 0], q[:, 1] = 0, 15  # both groups of each row span the whole grid
+    q[:, INT4_GROUP_SIZE], q[:, INT4_GROUP_SIZE + 1] = 0, 15
+    step = torch.tensor([0.5, 0.25, 1.0, 2.0])[:, None]
+    offset = torch.tensor([-3.0, 1.0, -0.5, 0.0])[:, None]
+    w = q.float() * step + offset
+    packed = Int4Weights.quantize(w)
+    assert torch.equal(packed.unpack(), q.to(torch.uint8))
+    assert torch.allclose(packed.dequantize(), w, atol=1e-6, rtol=0)
+    assert torch.equal(packed.scales, step.expand(n, 2))
+    assert torch.equal(packed.zeros, (offset + 8 * step).expand(n, 2))
+
+
+def test_int4_quantize_error_bound_and_bad_group() -> None:
+    w = _rand(24, 128, seed=5)
+    packed = Int4Weights.quantize(w)
+    assert packed.packed.shape == (24, 64) and packed.scales.shape == (24, 128 // 32)
+    err = (packed.dequantize() - w).abs().reshape(24, 4, 32)
+    assert bool((err <= packed.scales[..., None] / 2 + 1e-6).all())
+    with pytest.raises(ValueError, match="multiple of int4 group"):
+        Int4Weights.quantize(_rand(4, 48), group_size=32)
+
+
+def test_quantize_per_token_exact_example() -> None:
+    x = torch.tensor([[1.27, -0.635, 0.0, 0.01], [0.0, 0.0, 0.0, 0.0]])
+    q, s = quantize_per_token(x)
+    assert q.dtype == torch.int8 and s.shape == (2, 1)
+    assert q.tolist() == [[127, -64, 0, 1], [0, 0, 0, 0]]  # -63.5 rounds half to even
+    assert torch.allclose(s, torch.tensor([[0.01], [1.0]]))
+
+
+# ------------------------------------------------------------------------- kernels
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ w.double().T).float()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_weight_only_kernels_match_dequantized_reference(dtype: torch.dtype, rows: int) -> None:
+    w = _rand(96, 128, seed=6, scale=0.05)
+    x = _rand(rows, 128, seed=7).to(dtype)
+    # fp32: accumulation-order error only; bf16: output rounding (2^-8 relative)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    i8, i4 = Int8Weights.quantize(w), Int4Weights.quantize(w)
+    for kernel, ref_w in [
+        (Int8WeightOnlyKernel(i8, dtype), i8.dequantize(dtype)),
+        (Int4WeightOnlyKernel(i4, dtype), i4.dequantize(dtype)),
+        (DenseKernel(i8.dequantize(dtype), dtype), i8.dequantize(dtype)),
+    ]:
+        y = kernel(x)
+        ref = _reference(x, ref_w)
+        assert y.dtype == dtype and y.shape == (rows, 96)
+        assert (y.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_w8a8_kernel_matches_integer_reference(dtype: torch.dtype, rows: int) -> None:
+    w = _rand(96, 128, seed=8, scale=0.05)
+    x = _rand(rows, 128, seed=9).to(dtype)
+    i8 = Int8Weights.quantize(w)
+    y = W8A8Kernel(i8, dtype)(x)
+    qx, sx = quantize_per_token(x)
+    acc = qx.long() @ i8.qweight.long().T  # exact integer products
+    ref = acc.double() * sx.double() * i8.scales.to(dtype).double()
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    assert y.dtype == dtype
+    assert (y.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    # and it stays close to the unquantized product (activation error ~ 1/254 per row)
+    exact = _reference(x.float(), w)
+    assert (y.float() - exact).abs().max().item() <= 0.03 * exact.abs().max().item()
+
+
+# ------------------------------------------------------------------------ dispatch
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [(1, "int8"), (3, "int8"), (4, "dense"), (63, "dense"), (64, "w8a8"), (4096, "w8a8")],
+)
+def test_dispatch_kernel_for(rows: int, expected: str) -> None:
+    d = Dispatch(((1, "int8"), (4, "dense"), (64, "w8a8")))
+    assert d.kernel_for(rows) == expected
+
+
+@pytest.mark.parametrize("steps", [(), ((2, "int8"),), ((1, "int8"), (1, "dense")),
+                                   ((1, "int8"), (8, "dense"), (4, "w8a8"))])
+def test_dispatch_rejects_bad_steps(steps: tuple) -> None:
+    with pytest.raises(ValueError, match="dispatch steps"):
+        Dispatch(steps)
+
+
+def test_quant_linear_runs_the_kernel_of_its_row_count() -> None:
+    calls: list[tuple[str, int]] = []
+
+    def kernel(name: str):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            calls.append((name, x.shape[0]))
+            return torch.zeros(x.shape[0], 3)
+        return run
+
+    lin = QuantLinear({"int8": kernel("int8"), "dense": kernel("dense"), "w8a8": kernel("w8a8")},
+                      Dispatch(((1, "int8"), (4, "dense"), (64, "w8a8"))), 3, 5)
+    for rows in (1, 3, 4, 63, 64, 200):
+        assert lin(torch.zeros(rows, 5)).shape == (rows, 3)
+    assert lin(torch.zeros(2, 2, 5)).shape == (2, 2, 3)  # leading dims flatten to 4 rows
+    assert calls == [("int8", 1), ("int8", 3), ("dense", 4), ("dense", 63), ("w8a8", 64),
+                     ("w8a8", 200), ("dense", 4)]
+    lin.dispatch = Dispatch(((1, "w8a8"),))
+    lin(torch.zeros(1, 5))
+    assert calls[-1] == ("w8a8", 1)
+    with pytest.raises(ValueError, match="lacks"):
+        lin.dispatch = Dispatch(((1, "int4"),))
+
+
+def test_dispatch_table_covers_every_mode_and_role() -> None:
+    allowed = {Quantization.INT8: {"int8", "dense"}, Quantization.INT4: {"int4", "dense"},
+               Quantization.W8A8: {"int8", "dense", "w8a8"}}
+    assert set(DISPATCH) == set(allowed)
+    for mode, table in DISPATCH.items():
+        assert set(table) == set(LINEAR_ROLES)
+        for plan in table.values():
+            assert set(plan.kernels) <= allowed[mode]
+            assert plan.kernel_for(1) != "dense"  # one row: a weight-only kernel wins
+
+
+@pytest.mark.parametrize("mode", [Quantization.INT8, Quantization.INT4, Quantization.W8A8])
+def test_make_quant_linear_builds_only_dispatched_kernels(mode: Quantization) -> None:
+    w = _rand(64, 128, seed=10, scale=0.05)
+    packed = (Int4Weights if mode is Quantization.INT4 else Int8Weights).quantize(w)
+    for role in LINEAR_ROLES:
+        lin = make_quant_linear(mode, role, packed, torch.bfloat16)
+        assert set(lin.kernels) == set(DISPATCH[mode][role].kernels)
+        assert (lin.out_features, lin.in_features) == (64, 128)
+    x = _rand(3, 128, seed=11).to(torch.bfloat16)
+    # every kernel of a linear computes with the same effective weights
+    lin = make_quant_linear(mode, "gate_up", packed, torch.float32)
+    x32 = x.float()
+    outs = {}
+    for name in lin.kernels:
+        lin.dispatch = Dispatch(((1, name),))
+        outs[name] = lin(x32)
+    ref = outs["dense"]
+    for name, y in outs.items():
+        tol = 0.03 if name == "w8a8" else 1e-5  # w8a8 also quantizes the activations
+        assert (y - ref).abs().max().item() <= tol * ref.abs().max().item(), name
+
+
+def test_config_modes_match_the_enum() -> None:
+    assert QUANTIZATION_MODES == tuple(m.value for m in Quantization)
+    assert EngineConfig(quantization="w8a8").quantization == "w8a8"
+    with pytest.raises(ValueError, match="quantization must be one of none, int8, int4, w8a8"):
+        EngineConfig(quantization="fp8")
+
+
+# ------------------------------------------------------------------------ disk cache
+
+
+def _sources() -> dict[str, torch.Tensor]:
+    return {"lm_head": _rand(64, 64, seed=12), "layers.0.qkv": _rand(96, 64, seed=13)}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        all(torch.equal(x, y) for x, y in zip(a[k].tensors().values(), b[k].tensors().values()))
+        for k in a
+    )
+
+
+@pytest.mark.parametrize("mode", [Quantization.INT8, Quantization.INT4])
+def test_cache_second_load_reads_the_file(tmp_path: Path, mode: Quantization,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    sources = _sources()
+    first = load_or_quantize(mode, sources, tmp_path)
+    fmt = packed_format(mode)
+    path = cache_path(tmp_path, fmt, source_digest(fmt, sources))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+    def no_quantize(*args: object) -> None:
+        raise AssertionError("quantized again instead of reading the cache")
+
+    monkeypatch.setattr(quant_cache, "quantize_weight", no_quantize)
+    assert _equal(load_or_quantize(mode, sources, tmp_path), first)
+
+
+def test_cache_is_shared_by_int8_and_w8a8(tmp_path: Path) -> None:
+    a = load_or_quantize(Quantization.INT8, _sources(), tmp_path)
+    b = load_or_quantize(Quantization.W8A8, _sources(), tmp_path)
+    assert _equal(a, b) and len(list(tmp_path.iterdir())) == 1
+
+
+def test_cache_corrupt_file_is_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sources = _sources()
+    fresh = load_or_quantize(Quantization.INT8, sources, tmp_path)
+    path = next(tmp_path.iterdir())
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with caplog.at_level(logging.WARNING, logger="swakv.model"):
+        again = load_or_quantize(Quantization.INT8, sources, tmp_path)
+    assert "cannot read quantized weights" in caplog.text
+    assert _equal(again, fresh)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="swakv.model"):
+        load_or_quantize(Quantization.INT8, sources, tmp_path)  # the rewritten file is good
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("damage", ["metadata", "shape", "extra"])
+def test_cache_stale_file_is_rebuilt(tmp_path: Path, damage: str,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sources = _sources()
+    fresh = load_or_quantize(Quantization.INT8, sources, tmp_path)
+    path = next(tmp_path.iterdir())
+    tensors = load_file(str(path))
+    meta = {"format_version": quant_cache.FORMAT_VERSION, "format": "int8",
+            "digest": source_digest("int8", sources)}
+    if damage == "metadata":
+        meta["format_version"] = "0"
+    elif damage == "shape":
+        tensors["lm_head.scales"] = tensors["lm_head.scales"][:10].clone()
+    else:
+        tensors["other.qweight"] = torch.zeros(2, 2, dtype=torch.int8)
+    save_file(tensors, str(path), metadata=meta)
+    with caplog.at_level(logging.WARNING, logger="swakv.model"):
+        again = load_or_quantize(Quantization.INT8, sources, tmp_path)
+    assert "rebuilding" in caplog.text
+    assert _equal(again, fresh)
+    assert load_file(str(path)).keys() == {f"{k}.{f}" for k in sources for f in ("qweight",
+                                                                                 "scales")}
+
+
+def test_cache_key_follows_the_source_weights(tmp_path: Path) -> None:
+    sources = _sources()
+    load_or_quantize(Quantization.INT4, sources, tmp_path)
+    changed = dict(sources, lm_head=sources["lm_head"] + 1e-3)
+    load_or_quantize(Quantization.INT4, changed, tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and all(n.startswith("int4-g32-") for n in names)
+    assert source_digest("int4-g32", sources) != source_digest("int4-g32", changed)
+
+
+def test_cache_unwritable_dir_still_quantizes(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    packed = load_or_quantize(Quantization.INT8, _sources(), blocker / "quant")
+    assert _equal(packed, load_or_quantize(Quantization.INT8, _sources(), None))
+
+
+def test_quant_cache_dir_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWAKV_CACHE_DIR", str(tmp_path / "cache"))
+    inside = tmp_path / "cache" / "models" / "m"
+    inside.mkdir(parents=True)
+    assert quant_cache.quant_cache_dir(inside) == inside.resolve() / "quant"
+    outside = tmp_path / "user_model"
+    outside.mkdir()
+    assert quant_cache.quant_cache_dir(outside) == (tmp_path / "cache").resolve() / "quant"
+
+
+# --------------------------------------------------------------------------- model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    path = make_tiny_gemma3_dir(tmp_path_factory.mktemp("quant") / "m", num_layers=2,
+                                window=8, sliding_pattern=2, seed=7)
+    return load_model_dir(path)
+
+
+def _logits(model: Gemma3Model, dtype: torch.dtype, ids: list[int]) -> torch.Tensor:
+    alloc = SWAAllocator(16, 16, 4)
+    pool = KVPool(KVLayout.from_model(model.spec, dtype), alloc)
+    table = ReqTable(1, 64)
+    runner = ModelRunner(model, pool, table, validate=True)
+    row = table.alloc_row()
+    table.write(row, 0, alloc.alloc(len(ids)))
+    out = runner.forward([BatchItem(row, 0, ids)], return_all_logits=True)
+    assert out.all_logits is not None
+    return out.all_logits[0]
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
+def test_model_routes_every_linear_and_keeps_exact_embedding(tiny, mode: str,
+                                                             tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    monkeypatch.setenv("SWAKV_CACHE_DIR", str(tmp_path))
+    model = Gemma3Model(tiny.spec, tiny.weights, torch.bfloat16, quantization=mode,
+                        weights_dir=tiny.path)
+    assert model.quantization == Quantization(mode)
+    assert len(model.linears) == 1 + 4 * tiny.spec.num_layers
+    assert all(isinstance(lin, QuantLinear) for lin in model.linears.values())
+    assert model.lm_head is model.linears["lm_head"]
+    assert model.layers[1].down is model.linears["layers.1.down"]
+    assert torch.equal(model.embed, tiny.weights["model.embed_tokens.weight"].bfloat16())
+    assert len(list((tmp_path / "quant").iterdir())) == 1  # cached outside the model dir
+
+
+def test_model_none_is_dense_and_unchanged(tiny) -> None:
+    model = Gemma3Model(tiny.spec, tiny.weights, torch.float32)
+    assert all(isinstance(lin, DenseKernel) for lin in model.linears.values())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
+def test_quantized_model_kernels_agree_and_track_fp32(tiny, mode: str) -> None:
+    """In fp32, every kernel of a mode gives the same logits (same effective weights;
+    w8a8 adds activation rounding), and all stay near the unquantized model."""
+    ids = torch.randint(0, tiny.spec.vocab_size, (24,),
+                        generator=torch.Generator().manual_seed(3)).tolist()
+    exact = _logits(Gemma3Model(tiny.spec, tiny.weights, torch.float32), torch.float32, ids)
+    model = Gemma3Model(tiny.spec, tiny.weights, torch.float32, quantization=mode)
+    per_kernel = {}
+    for name in ("int8", "int4", "dense", "w8a8"):
+        if not all(name in lin.kernels for lin in model.linears.values()):
+            continue
+        for lin in model.linears.values():
+            lin.dispatch = Dispatch(((1, name),))
+        per_kernel[name] = _logits(model, torch.float32, ids)
+    assert "dense" in per_kernel and len(per_kernel) >= 2
+    scale = exact.abs().max().item()
+    for name, logits in per_kernel.items():
+        tol = 0.05 if name == "w8a8" else 1e-4
+        assert (logits - per_kernel["dense"]).abs().max().item() <= tol * scale, name
+    drift = (per_kernel["dense"] - exact).abs().max().item()
+    assert drift <= (0.3 if mode == "int4" else 0.05) * scale
