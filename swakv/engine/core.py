@@ -20,9 +20,10 @@ import torch
 from swakv.cache import ChunkCache, HiCache, PrefixCache
 from swakv.cache.tree_host import HostTier
 from swakv.config import EngineConfig, KVLayout, ModelSpec
+from swakv.engine.executor import ExecuteResult, Executor, ModelExecutor
 from swakv.engine.metrics import EngineMetrics, EngineSnapshot
 from swakv.engine.output import OutputText
-from swakv.engine.runner import BatchItem, ModelRunner
+from swakv.engine.runner import ModelRunner
 from swakv.memory.allocator.swa import SWAAllocator
 from swakv.memory.copy_engine import CopyEngine
 from swakv.memory.host_pool import HostKVPool, host_pool_sizes
@@ -111,8 +112,13 @@ def effective_chunk_size(cfg: EngineConfig, window: int | None, swa_tokens: int)
 
 
 class EngineCore:
-    def __init__(self, spec: ModelSpec, model: torch.nn.Module, tokenizer, cfg: EngineConfig,
-                 sizes: PoolSizes | None = None) -> None:
+    """`model` runs through a ModelExecutor over real KV pools; pass `executor` instead
+    (and no model) to run the same scheduler, cache and bookkeeping with another
+    executor (the simulator): then no KV tensors are allocated."""
+
+    def __init__(self, spec: ModelSpec, model: torch.nn.Module | None, tokenizer,
+                 cfg: EngineConfig, sizes: PoolSizes | None = None,
+                 executor: Executor | None = None) -> None:
         self.spec, self.tokenizer, self.cfg = spec, tokenizer, cfg
         window, p = spec.window, cfg.page_size
         layout = KVLayout.from_model(spec, cfg.torch_dtype)
@@ -121,15 +127,22 @@ class EngineCore:
         chunk = effective_chunk_size(cfg, window, self.sizes.swa_tokens)
         self.cost = CostModel(window, p, chunk, cfg.decode_reserve, cfg.frontier_stride)
         self.allocator = SWAAllocator(self.sizes.num_full_pages, self.sizes.num_swa_pages, p)
-        self.kv_pool = KVPool(layout, self.allocator)
+        self.kv_pool = KVPool(layout, self.allocator) if executor is None else None
         self.model_limit = cfg.max_context or spec.max_position_embeddings
         self.max_context = min(self.model_limit, self.sizes.full_tokens)
         self.req_table = ReqTable(cfg.max_running_requests, self.max_context)
         self.cache = self._make_cache(layout)
-        self.runner = ModelRunner(model, self.kv_pool, self.req_table)
         self.sampler = Sampler()
         self.scheduler = Scheduler(self.cost, self.cache, cfg.max_running_requests)
         self.eos_ids = frozenset(spec.eos_token_ids) | frozenset(getattr(tokenizer, "eos_ids", ()))
+        self.runner: ModelRunner | None = None
+        if executor is None:
+            if model is None:
+                raise ValueError("EngineCore needs a model or an executor")
+            assert self.kv_pool is not None
+            self.runner = ModelRunner(model, self.kv_pool, self.req_table)
+            executor = ModelExecutor(self.runner, self.sampler, self.eos_ids)
+        self.executor = executor
         self.requests: dict[str, Request] = {}
         self._texts: dict[str, OutputText] = {}
         self.metrics = EngineMetrics()
@@ -144,6 +157,8 @@ class EngineCore:
                                      device_budget_bytes=kv_budget_bytes(cfg.kv_memory))
         if host_sizes is None:
             return PrefixCache(self.allocator, self.req_table, p, window)
+        if self.kv_pool is None:
+            raise ValueError("a host KV tier needs KV pools (not available to this executor)")
         host_pool = HostKVPool(layout, host_sizes, device=self.kv_pool.device)
         tier = HostTier(host_pool, CopyEngine(self.kv_pool, host_pool), cfg.host_backup_threshold)
         gib = 1 << 30
@@ -219,19 +234,15 @@ class EngineCore:
         self.metrics.on_step(sum(i.num_tokens for i in items), time.perf_counter() - t0)
         return outputs
 
-    @torch.inference_mode()
     def _run(self, items: list[ScheduledItem]) -> list[StepOutput]:
-        """Forward, KV bookkeeping and sampling of one scheduled batch."""
-        batch = [BatchItem(i.req.kv.row, i.prefix_len,
-                           i.req.token_ids[i.prefix_len : i.prefix_len + i.num_tokens])
-                 for i in items]
-        out = self.runner.forward(batch, fp32_logits=False)  # the sampler converts if needed
+        """Execute one scheduled batch, then its KV bookkeeping and token handling."""
+        sampling = [k for k, i in enumerate(items) if i.completes]
+        result = self.executor.execute(items, sampling)
         for i in items:
             self.cache.mark_computed(i.req.kv, i.prefix_len + i.num_tokens)
-        sampling = [(k, i) for k, i in enumerate(items) if i.completes]
         if self.cfg.enable_prefix_cache:
             self._commit_to_cache(items)
-        return self._sample(out.last_logits, sampling)
+        return self._emit([items[k].req for k in sampling], result)
 
     def _contain(self, error: Exception, reqs: list[Request]) -> list[StepOutput]:
         """Fail `reqs` (the requests of the step that raised), release their KV, and
@@ -278,30 +289,16 @@ class EngineCore:
             if not i.completes or page_floor(kv.kv_len, page) > kv.protected_len:
                 self.cache.cache_unfinished(kv)
 
-    def _sample(self, logits: torch.Tensor, sampling: list[tuple[int, ScheduledItem]]
-                ) -> list[StepOutput]:
-        if not sampling:
-            return []
-        reqs = [i.req for _, i in sampling]
-        rows = [k for k, _ in sampling]
-        if rows != list(range(logits.shape[0])):  # e.g. a prefill chunk that does not sample
-            logits = logits.index_select(0, torch.tensor(rows, dtype=torch.int64,
-                                                         device=logits.device))
-        self._mask_early_stops(logits, reqs)
-        res = self.sampler.sample(
-            logits,
-            [r.params for r in reqs],
-            [r.generator for r in reqs],
-            [r.prompt_ids for r in reqs],
-            [r.output_ids for r in reqs],
-        )
+    def _emit(self, reqs: list[Request], result: ExecuteResult) -> list[StepOutput]:
+        """Append each sampled token, detokenise, and finish requests that stop."""
         outputs = []
         now = time.monotonic()
         for j, req in enumerate(reqs):
-            token = int(res.token_ids[j])
+            token = int(result.token_ids[j])
+            lp = result.logprobs[j] if j < len(result.logprobs) else None
             req.token_ids.append(token)
-            if res.logprobs[j] is not None:
-                req.output_logprobs.append(res.logprobs[j])
+            if lp is not None:
+                req.output_logprobs.append(lp)
             if req.first_token_time is None:
                 req.first_token_time = now
             text = self._texts[req.request_id]
@@ -310,21 +307,8 @@ class EngineCore:
                 self.scheduler.finish(req)
                 self._finish(req, reason)
             outputs.append(StepOutput(req, [token], text.take_delta(reason is not None),
-                                      reason is not None,
-                                      None if res.logprobs[j] is None else (res.logprobs[j],)))
+                                      reason is not None, None if lp is None else (lp,)))
         return outputs
-
-    def _mask_early_stops(self, logits: torch.Tensor, reqs: list[Request]) -> None:
-        """Before `min_tokens` outputs, EOS and stop tokens cannot be sampled.
-
-        Ids are in range: `validate_request` refused any other at submission.
-        """
-        for j, req in enumerate(reqs):
-            p = req.params
-            if req.num_output_tokens < p.min_tokens:
-                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
-                if banned:
-                    logits[j, banned] = float("-inf")
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         req.lifecycle = Lifecycle.FINISHED

@@ -352,8 +352,14 @@ def test_close_fails_queued_writes_and_callbacks_run_before_waiters() -> None:
     seen = []
     second.add_done_callback(lambda h: seen.append(type(h.error).__name__))
     assert not first.done() and not second.done()
+    worker = backend._workers["local"]
+    assert backend.entered.wait(10)  # the first write is running, held at the gate
     closer = threading.Thread(target=backend.close)
     closer.start()
+    deadline = time.monotonic() + 10
+    while not worker.stopping:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     backend.gate.set()
     closer.join(10)
     first.wait(1)  # the running write finishes

@@ -1,0 +1,83 @@
+"""Executors: what turns one scheduled batch into sampled tokens.
+
+The engine step is scheduler -> executor -> engine bookkeeping. Everything that
+decides (admission, chunking, retraction, cache commits, stop handling) lives in the
+scheduler, the cache facade and `EngineCore`; the executor only runs the batch: the
+model executor runs the forward over the KV pools and samples; a simulator swaps in an
+executor with a clock and no model (`swakv simulate`), so both share every decision.
+
+Contract of `execute(items, sampling)`: `items[k]` computes positions
+`[prefix_len, prefix_len + num_tokens)` of its request (slots already allocated);
+`sampling` lists the indices of the items whose last token is sampled, in order.
+Returns one token id (and optionally logprobs) per sampling index. KV bookkeeping
+(`mark_computed`) is the engine's, after `execute` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from swakv.engine.runner import BatchItem, ModelRunner
+from swakv.model.sampler import Sampler
+from swakv.sched.request import Request
+from swakv.sched.scheduler import ScheduledItem
+
+
+@dataclass(frozen=True)
+class ExecuteResult:
+    """`token_ids[j]` for the j-th sampling item; `logprobs[j]` (TokenLogprobs or None)."""
+
+    token_ids: list[int]
+    logprobs: list = field(default_factory=list)
+
+
+class Executor(Protocol):
+    def execute(self, items: Sequence[ScheduledItem], sampling: Sequence[int]) -> ExecuteResult: ...
+
+
+class ModelExecutor:
+    """Forward over the pools (`ModelRunner`), then the sampler on the sampled rows."""
+
+    def __init__(self, runner: ModelRunner, sampler: Sampler, eos_ids: frozenset[int]) -> None:
+        self.runner = runner
+        self.sampler = sampler
+        self.eos_ids = eos_ids
+
+    @torch.inference_mode()
+    def execute(self, items: Sequence[ScheduledItem], sampling: Sequence[int]) -> ExecuteResult:
+        batch = [BatchItem(i.req.kv.row, i.prefix_len,
+                           i.req.token_ids[i.prefix_len : i.prefix_len + i.num_tokens])
+                 for i in items]
+        out = self.runner.forward(batch, fp32_logits=False)  # the sampler converts if needed
+        if not sampling:
+            return ExecuteResult([], [])
+        logits = out.last_logits
+        if list(sampling) != list(range(logits.shape[0])):  # a chunk that does not sample
+            logits = logits.index_select(0, torch.tensor(list(sampling), dtype=torch.int64,
+                                                         device=logits.device))
+        reqs = [items[k].req for k in sampling]
+        self._mask_early_stops(logits, reqs)
+        res = self.sampler.sample(
+            logits,
+            [r.params for r in reqs],
+            [r.generator for r in reqs],
+            [r.prompt_ids for r in reqs],
+            [r.output_ids for r in reqs],
+        )
+        return ExecuteResult(res.token_ids.tolist(), res.logprobs)
+
+    def _mask_early_stops(self, logits: torch.Tensor, reqs: list[Request]) -> None:
+        """Before `min_tokens` outputs, EOS and stop tokens cannot be sampled.
+
+        Ids are in range: `EngineCore.validate_request` refused any other at submission.
+        """
+        for j, req in enumerate(reqs):
+            p = req.params
+            if req.num_output_tokens < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
+                if banned:
+                    logits[j, banned] = float("-inf")
