@@ -89,13 +89,24 @@ class Sampler:
         return SampleResult(token_ids, _logprobs(raw, params, token_ids))
 
 
+GREEDY_BLOCK = 4096
+
+
 def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
     """Index of the first maximum per row (int64 [B]), in the logits' own dtype.
 
-    `max(dim).indices` is vectorised for bf16 where `argmax` is not (5 ms against
-    27 ms for 64 x 262,144 on this CPU) and returns the same first maximum.
+    Two stages when the vocabulary is a multiple of GREEDY_BLOCK: `amax` per block of
+    4,096 columns (vectorised; 1.3 ms for 64 x 262,144 bf16 on this CPU, where
+    `max(dim)` takes 5.7 ms and bf16 `argmax` 27 ms), then the first block holding the
+    row maximum and the first maximum inside it: the same first maximum as argmax.
     """
-    return logits.max(dim=-1).indices
+    rows, vocab = logits.shape
+    if vocab % GREEDY_BLOCK or vocab == GREEDY_BLOCK:
+        return logits.max(dim=-1).indices
+    blocks = logits.view(rows, vocab // GREEDY_BLOCK, GREEDY_BLOCK)
+    best = blocks.amax(dim=-1).max(dim=-1).indices  # first block with the row maximum
+    inner = blocks[torch.arange(rows, device=logits.device), best].max(dim=-1).indices
+    return best * GREEDY_BLOCK + inner
 
 
 def _penalised(p: SamplingParams) -> bool:

@@ -155,3 +155,16 @@ def test_sampling_never_picks_filtered_tokens() -> None:
     params = [SamplingParams(temperature=1.5, top_k=3, seed=s) for s in range(64)]
     res = _sample(logits, params)
     assert set(res.token_ids.tolist()) <= {0, 1, 3}
+
+
+def test_greedy_ids_two_stage_equals_argmax_with_ties():
+    from swakv.model.sampler import GREEDY_BLOCK, greedy_ids
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(9, 8 * GREEDY_BLOCK, generator=g).to(dtype)
+        x[1, 5] = x[1, 3 * GREEDY_BLOCK + 7] = 100.0  # tie across blocks: the first wins
+        x[2, 4 * GREEDY_BLOCK + 2] = x[2, 4 * GREEDY_BLOCK + 9] = 50.0  # tie in a block
+        x[3] = 0.0  # all equal: index 0
+        assert greedy_ids(x).tolist() == x.float().argmax(dim=-1).tolist()
+        assert greedy_ids(x)[1] == 5 and greedy_ids(x)[2] == 4 * GREEDY_BLOCK + 2
