@@ -1,11 +1,14 @@
 """Host KV tier on a multi-turn chat whose working set is about 4x the device pool.
 
 S sessions share one system prompt and run T turns each (every turn's prompt is the
-whole conversation so far plus a new user message; fixed output lengths). The device
-full pool holds about a quarter of the working set. Three runs on the real model:
-  - unbounded: a device pool that holds everything (the hit-ratio ceiling),
-  - device only: the quarter-size pool, no host tier,
-  - host tier: the same pool plus a host tier of 4x the device KV budget.
+whole conversation so far plus a new user message; fixed output lengths). C clients
+(closed loop, C = max running requests) take turns in round-robin order over the
+sessions, so between two turns of a session every other session has had one: the
+working set cycles through the pools, and TTFT measures prefill, not queueing. The
+device full pool holds about a quarter of the working set. Three runs on the real model:
+  - unbounded: device pools (full and SWA) that hold everything (the hit-ratio ceiling),
+  - device only: the quarter-size full pool (SWA sized by the cost model), no host tier,
+  - host tier: the same pools plus a host tier of 4x the device KV budget.
 Reports prefix-hit ratio, output tok/s, TTFT p50/p90 and, for the host tier, bytes
 loaded per pool per host hit (SWA should be about one window, not the prefix).
 
@@ -23,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_workload import Tracker, run_chat, summarise  # noqa: E402
+from serve_workload import Tracker, summarise, tokens  # noqa: E402
 
 from swakv.config import EngineConfig, KVLayout  # noqa: E402
 from swakv.engine.build import build_engine  # noqa: E402
@@ -32,23 +35,59 @@ from swakv.sched.cost import CostModel  # noqa: E402
 from swakv.sched.sizing import PoolSizes  # noqa: E402
 
 
-def sizes_for(cfg: EngineConfig, full_tokens: int, window: int, layout: KVLayout) -> PoolSizes:
-    """A full pool of `full_tokens`; the SWA pool the cost model sizes for the run."""
+def sizes_for(cfg: EngineConfig, full_tokens: int, window: int, layout: KVLayout,
+              swa_tokens: int | None = None) -> PoolSizes:
+    """A full pool of `full_tokens`; the SWA pool the cost model sizes for the run
+    unless `swa_tokens` is given."""
     p = cfg.page_size
     cost = CostModel(window, p, cfg.chunk_size, cfg.decode_reserve, cfg.frontier_stride)
-    swa_tokens = cfg.max_running_requests * cost.swa_steady() + cost.swa_prefill(cfg.chunk_size)
+    if swa_tokens is None:
+        swa_tokens = (cfg.max_running_requests * cost.swa_steady()
+                      + cost.swa_prefill(cfg.chunk_size))
     nf, ns = page_ceil(full_tokens, p) // p, page_ceil(swa_tokens, p) // p
     full_bpt, swa_bpt = layout.bytes_per_token(False), layout.bytes_per_token(True)
     return PoolSizes(nf, ns, p, (nf + 1) * p * full_bpt, (ns + 1) * p * swa_bpt)
 
 
-def run(name: str, args, full_tokens: int, host: str | None) -> dict:
+def run_sessions(eng, args) -> list:
+    """Closed loop: `max_running` clients, turns handed out round-robin over sessions."""
+    import random
+    from collections import deque
+
+    from swakv.sampling_params import SamplingParams
+
+    rng = random.Random(args.seed)
+    vocab = eng.spec.vocab_size
+    system = [eng.spec.bos_token_id or 2] + tokens(rng, args.system_len - 1, vocab)
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    convo = {s: list(system) + tokens(rng, args.user_len, vocab) for s in range(args.sessions)}
+    ready = deque((s, 1) for s in range(args.sessions))
+    live: dict[str, tuple[int, int]] = {}
+    done = []
+    while ready or live:
+        while ready and len(live) < args.max_running:
+            s, t = ready.popleft()
+            live[eng.add_request(convo[s], params).request_id] = (s, t)
+        for out in eng.step():
+            if not out.finished:
+                continue
+            req = out.request
+            done.append(req)
+            s, t = live.pop(req.request_id)
+            if t < args.turns:
+                convo[s] = req.token_ids + tokens(rng, args.user_len, vocab)
+                ready.append((s, t + 1))
+    return done
+
+
+def run(name: str, args, full_tokens: int, host: str | None,
+        swa_tokens: int | None = None) -> dict:
     cfg = EngineConfig(dtype=args.dtype, page_size=16, chunk_size=args.chunk_size,
                        max_running_requests=args.max_running, host_kv_memory=host,
                        decode_reserve=args.output_len, num_threads=args.threads)
     probe = build_engine(args.model, cfg, sizes=PoolSizes(64, 64, 16, 0, 0))
     layout = KVLayout.from_model(probe.spec, cfg.torch_dtype)
-    sizes = sizes_for(cfg, full_tokens, probe.spec.window, layout)
+    sizes = sizes_for(cfg, full_tokens, probe.spec.window, layout, swa_tokens)
     del probe
     if host is not None:  # "4x" of this device budget
         cfg = EngineConfig(**{**asdict(cfg), "kv_memory": float(sizes.full_bytes + sizes.swa_bytes)})
@@ -56,8 +95,7 @@ def run(name: str, args, full_tokens: int, host: str | None) -> dict:
     tracker = Tracker(layout.bytes_per_token(False), layout.bytes_per_token(True),
                       eng.spec.window)
     t0 = time.perf_counter()
-    reqs = run_chat(eng, tracker, args.seed, args.sessions, args.turns, args.output_len,
-                    args.system_len, args.user_len)
+    reqs = run_sessions(eng, args)
     res = asdict(summarise(name, eng, reqs, time.perf_counter() - t0, tracker))
     snap = eng.snapshot()
     c = snap.counters
@@ -86,7 +124,7 @@ def main() -> None:
     ap.add_argument("--system-len", type=int, default=1000)
     ap.add_argument("--user-len", type=int, default=100)
     ap.add_argument("--output-len", type=int, default=16)
-    ap.add_argument("--max-running", type=int, default=16)
+    ap.add_argument("--max-running", type=int, default=16, help="clients (closed loop)")
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -95,7 +133,7 @@ def main() -> None:
     per_session = args.system_len + args.turns * (args.user_len + args.output_len)
     working_set = args.system_len + args.sessions * (per_session - args.system_len)
     quarter = working_set // 4
-    rows = [run("unbounded", args, 2 * working_set, None),
+    rows = [run("unbounded", args, 2 * working_set, None, swa_tokens=2 * working_set),
             run("device only", args, quarter, None),
             run("host tier 4x", args, quarter, "4x")]
     keys = ["prefix_hit_ratio", "output_tok_s", "ttft_p50_s", "ttft_p90_s", "wall_s",

@@ -29,7 +29,7 @@ class ChunkCache(CacheBase):
             raise ValueError("ChunkCache.admit: a match with a prefix")
         return self._open(token_ids)
 
-    def cache_unfinished(self, req: ReqKV) -> None:
+    def cache_unfinished(self, req: ReqKV, anchor: bool = False) -> None:
         """Nothing to do: the request keeps owning all its pages."""
 
     def cache_finished(self, req: ReqKV) -> None:

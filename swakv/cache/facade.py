@@ -77,8 +77,9 @@ class PrefixCache(CacheBase):
         c["revived_tokens"] += res.revived_len
         return plen
 
-    def cache_unfinished(self, req: ReqKV) -> None:
-        """Insert `[protected_len, page_floor(kv_len))`; protected_len moves up."""
+    def cache_unfinished(self, req: ReqKV, anchor: bool = False) -> None:
+        """Insert `[protected_len, page_floor(kv_len))`; protected_len moves up.
+        (`anchor`: the prompt just completed; only the host tier uses it.)"""
         self._insert(req)
 
     def cache_finished(self, req: ReqKV) -> None:

@@ -49,12 +49,27 @@ class HiCache(PrefixCache):
         assert int(slots.numel()) == end.prefix_len
         return MatchResult(end.prefix_len, slots, end, old.full_only_len, old.host_prefix_len)
 
-    def _insert(self, req: ReqKV) -> int:
+    def _insert(self, req: ReqKV, anchor: bool = False) -> int:
         before = req.protected_len
         plen = super()._insert(req)
-        if plen > before and req.lock is not None:
-            self.tree.maybe_backup(req.lock.end_node)
+        if req.lock is not None and plen > 0:
+            if anchor:
+                self.tree.anchor(req.lock.end_node)
+            if plen > before:
+                self.tree.maybe_backup(req.lock.end_node)
         return plen
+
+    def cache_unfinished(self, req: ReqKV, anchor: bool = False) -> None:
+        """Insert `[protected_len, page_floor(kv_len))`; `anchor` when the prompt just
+        completed (a later identical prompt matches there: its window keeps host SWA)."""
+        self._insert(req, anchor)
+
+    def cache_finished(self, req: ReqKV) -> None:
+        plen = self._insert(req, anchor=True)
+        self._free_own(req, plen)
+        if req.lock is not None:
+            self.tree.unlock(req.lock, touch=True)
+        self._close(req)
 
     def host_usage(self) -> tuple[Need, Need]:
         """(total, free) host pool tokens per pool."""

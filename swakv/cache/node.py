@@ -52,7 +52,7 @@ class TreeNode:
     __slots__ = (
         "parent", "children", "key", "value", "start", "swa_live",
         "full_lock", "swa_lock", "full_time", "swa_time", "lockers",
-        "in_tree", "host_full", "host_swa", "hits", "host_time", "host_pins",
+        "in_tree", "host_full", "host_swa", "hits", "host_time", "host_pins", "anchored",
     )
 
     def __init__(
@@ -80,6 +80,7 @@ class TreeNode:
         self.hits = 0  # inserts and admitted hits through this node (backup policy)
         self.host_time = 0
         self.host_pins = 0  # > 0: a load-back or backup in flight needs its host pages
+        self.anchored = False  # in the window of a prompt or finish end: keeps host SWA
 
     @property
     def end(self) -> int:

@@ -261,6 +261,7 @@ class RadixTree(LockOps, HostOps):
         upper.full_lock = node.full_lock
         upper.full_time, upper.swa_time = node.full_time, node.swa_time
         upper.hits, upper.host_time, upper.host_pins = node.hits, node.host_time, node.host_pins
+        upper.anchored = node.anchored
         kp = k // self.page
         if node.host_full is not None:
             upper.host_full, node.host_full = node.host_full[:kp], node.host_full[kp:]

@@ -7,9 +7,11 @@ Each node may hold host copies next to its device values (`node.py`): host full 
   path (inserts count as a use of the new nodes); `maybe_backup(node)` backs up the
   not-yet-backed-up nodes of the path whose count reached `backup_threshold`,
   ancestors first, so backed-up nodes form a root-connected subtree. Only SWA live on
-  the device is copied (a device tombstone becomes a host tombstone). Host pages come
-  from the host pool, with host eviction as fallback; the parent of the first new
-  backup is pinned meanwhile so it cannot lose its copy.
+  the device is copied (a device tombstone becomes a host tombstone), and along a
+  chain only the newest window keeps host SWA (`_trim_host_swa`): the host holds
+  about one window of SWA per cached end, not the prefix. Host pages come from the
+  host pool, with host eviction as fallback; the parent of the first new backup is
+  pinned meanwhile so it cannot lose its copy.
 - **Demotion** (in `RadixTree.evict`): full eviction of a backed-up device leaf frees
   its device pages and keeps the node, host-only.
 - **Host eviction** (`evict_host`): an LRU over backed-up nodes (`host_time`); a host
@@ -43,6 +45,7 @@ from swakv.memory.host_pool import HostKVPool
 from swakv.memory.pages import Need, page_floor
 
 HOST_COUNTERS = ("backed_up_full_tokens", "backed_up_swa_tokens", "demoted_tokens",
+                 "host_trimmed_swa_tokens",
                  "host_evicted_full_tokens", "host_evicted_swa_tokens",
                  "loaded_full_tokens", "loaded_swa_tokens", "load_backs",
                  "loads_shortened")
@@ -168,7 +171,44 @@ class HostOps:
         c = self.host_counters
         c["backed_up_full_tokens"] += used.full * p
         c["backed_up_swa_tokens"] += used.swa * p
+        self._trim_host_swa(nodes[-1])
         return used.full * p
+
+    def anchor(self, end: TreeNode) -> None:
+        """Mark the window before `end` (a prompt end or a finished request's end: where
+        later requests match) so that trimming keeps its host SWA."""
+        lo = end.end - self.window - self.page
+        n = end
+        while n.parent is not None and n.end > lo:
+            n.anchored = True
+            n = n.parent
+
+    def _trim_host_swa(self, end: TreeNode) -> None:
+        """Drop the host SWA of chain nodes more than W + page behind `end`.
+
+        A host SWA copy only serves matches ending within W of it. Along a chain (a
+        decode committing page by page, a long prompt committed chunk by chunk) most
+        positions never end a match, so their host SWA is dropped as the chain grows
+        (a host tombstone; the host full copy stays). Kept: nodes in the window of an
+        anchor (a prompt end, a finished request's end: `anchor`) and branch points
+        (several children: other continuations end there). So the host holds about a
+        window or two of SWA per cached request, not its prefix. Stops at the first
+        unanchored node already without host SWA: amortised O(1) per backup.
+        """
+        p = self.page
+        keep_from = end.end - self.window - p
+        n = end
+        while n.parent is not None:
+            if n.end <= keep_from and not n.anchored and len(n.children) <= 1:
+                if n.host_swa is None:
+                    break
+                self._account(n, -1)
+                self.host.pool.free(torch.zeros(0, dtype=INDEX_DTYPE), n.host_swa)  # type: ignore[union-attr]
+                self.host_counters["host_trimmed_swa_tokens"] += len(n.key)
+                n.host_swa = None
+                self._account(n, 1)
+                self._push(n)
+            n = n.parent
 
     # ---- host eviction ----------------------------------------------------------------
     def evict_host(self, need_pages: Need) -> Need:

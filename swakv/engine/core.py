@@ -287,7 +287,9 @@ class EngineCore:
         for i in items:
             kv = i.req.kv
             if not i.completes or page_floor(kv.kv_len, page) > kv.protected_len:
-                self.cache.cache_unfinished(kv)
+                # the chunk that completes the prompt: later identical prompts end here
+                prompt_end = i.completes and i.req.num_output_tokens == 0
+                self.cache.cache_unfinished(kv, anchor=prompt_end)
 
     def _emit(self, reqs: list[Request], result: ExecuteResult) -> list[StepOutput]:
         """Append each sampled token, detokenise, and finish requests that stop."""

@@ -118,11 +118,17 @@ def test_backup_after_n_hits_ancestors_first(page, window):
     assert all(n.host_full is not None for n in nodes)
     host_pages = torch.cat([n.host_full for n in nodes]).tolist()
     assert host_pages == list(range(1, 6 + 1))
+    # Host SWA is copied for live nodes, then along the chain only the newest window
+    # keeps it: nodes ending W + page or more before the end become host tombstones.
     live = [n for n in nodes if n.swa_live]
-    assert r.host_used() == Need(6 * p, sum(len(n.key) for n in live))
-    assert all((n.host_swa is not None) == n.swa_live for n in nodes)
+    keep_from = 6 * p - window - p
+    kept = [n for n in live if n.end > keep_from]
+    assert all((n.host_swa is not None) == (n in kept) for n in nodes)
+    assert r.host_used() == Need(6 * p, sum(len(n.key) for n in kept))
     c = r.tree.host_counters
-    assert (c["backed_up_full_tokens"], c["backed_up_swa_tokens"]) == (6 * p, r.host_used().swa)
+    assert (c["backed_up_full_tokens"], c["backed_up_swa_tokens"]) == (
+        6 * p, sum(len(n.key) for n in live))
+    assert c["host_trimmed_swa_tokens"] == c["backed_up_swa_tokens"] - r.host_used().swa
     # host bytes equal the device bytes page for page
     for n in nodes:
         dev = n.value[::p] // p
@@ -327,3 +333,42 @@ def test_reverse_load_back_under_full_pressure_evicts_full_only_as_needed():
     assert r.tree.host_counters["loaded_swa_tokens"] == 16 - swa_start
     r.verify(kv, 16)
     r.check([running, kv])
+
+
+@pytest.mark.parametrize("page, window", CONFIGS)
+def test_host_swa_kept_at_anchors_trimmed_along_chains(page, window):
+    """Host SWA is kept in the windows before the prompt end and the finish end (where
+    later requests match), and dropped along the chain of decode pages between them:
+    after demotion, the same prompt and the continuation both load back from the host."""
+    p = page
+    r = Rig(page, window)
+    n_prompt = 4 * p
+    n_total = n_prompt + page_floor(3 * window + 2 * p, p)
+    toks = seq(n_total + 1, 7000)
+    kv = r.admit(toks[:n_prompt])
+    r.compute(kv)
+    r.cache.cache_unfinished(kv, anchor=True)  # the prompt end
+    while kv.kv_len < n_total:  # decode, committing every filled page
+        kv.token_ids.append(toks[kv.kv_len])
+        r.compute(kv, kv.kv_len + 1)
+        if kv.kv_len % p == 0:
+            r.cache.cache_unfinished(kv)
+    r.cache.cache_finished(kv)
+    r.check()
+
+    def kept(end: int):
+        return [n for n in r.path(toks) if n.end > end - window - p and n.end <= end]
+
+    held = [n for n in r.path(toks) if n.host_swa is not None]
+    assert set(map(id, held)) == set(map(id, kept(n_prompt) + kept(n_total)))
+    assert r.tree.host_counters["host_trimmed_swa_tokens"] > 0
+    r.cache.evict(Need(10**6, 0))
+    for end in (n_prompt, n_total):  # both anchors load back from the host
+        m = r.cache.match(toks[: end + 1])
+        assert (m.prefix_len, m.host_prefix_len) == (0, end)
+        got = r.cache.admit(toks[: end + 1], m)
+        assert got.protected_len == end
+        r.verify(got, end)
+        r.cache.release(got)
+        r.cache.evict(Need(10**6, 0))
+        r.check()
