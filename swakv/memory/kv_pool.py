@@ -9,9 +9,8 @@ Writes and reads take slots already translated to the layer's pool.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
