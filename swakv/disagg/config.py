@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ROLES = ("colocated", "prefill", "decode")
+PREFILL_HEADER = "x-swakv-prefill"  # router -> decode worker: the prefill control address
 
 
 def _help(text: str, **kw):

@@ -158,8 +158,8 @@ class Preallocator:
             if req.request_id in self.scheduler.held:
                 self._undo(req)
             raise
-        if match.prefix_len and req.num_retractions == 0:
-            req.cached_prompt_tokens = match.prefix_len
+        if req.num_retractions == 0:  # the hit admit mapped (a host tier may add to match's)
+            req.cached_prompt_tokens = kv.protected_len
         return kv
 
     def _swa_start(self, item: Pending, kv: ReqKV, seq_len: int) -> int:
