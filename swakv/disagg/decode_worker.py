@@ -107,7 +107,7 @@ class DecodeEngine(PDEngineBase):
                                  "logprobs")
         peer = getattr(prompt_ids, "prefill_address", None) or self._any_ready_peer()
         req = self.core.register_request(prompt_ids, params, request_id)
-        self.prealloc.queue.append(Pending(req, peer=peer, enqueued_at=time.monotonic()))
+        self.prealloc.queue.append(Pending(req, peer=peer))
         if peer is not None:
             self._ensure_peer(peer)
         return req
@@ -306,7 +306,7 @@ class DecodeEngine(PDEngineBase):
 
     # ---- retraction ----------------------------------------------------------------------
     def _on_retract(self, req: Request, copy: KVCopy) -> None:
-        self.prealloc.queue.appendleft(Pending(req, copy=copy, enqueued_at=time.monotonic()))
+        self.prealloc.queue.appendleft(Pending(req, copy=copy))
 
     # ---- inspection ----------------------------------------------------------------------
     def snapshot(self) -> EngineSnapshot:

@@ -26,7 +26,7 @@ cannot fit even when nothing else holds KV is refused (`NeverFits`).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -51,8 +51,6 @@ class Pending:
     req: Request
     peer: str | None = None
     copy: KVCopy | None = None
-    enqueued_at: float = 0.0
-    num_tries: int = field(default=0)
 
     @property
     def is_restore(self) -> bool:
