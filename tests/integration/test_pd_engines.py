@@ -260,3 +260,27 @@ def test_kv_timeout_answers_503_and_frees_after_the_peer_answers(tiny_dir, pair_
     step_until(pair, lambda: not d.inflight)
     assert "slow" not in d.core.requests
     assert flushed_at_baseline(d.core) and flushed_at_baseline(pair.prefill.core)
+
+
+def test_one_decode_worker_with_two_prefill_workers(tiny_dir, pair_factory):
+    from swakv.disagg.decode_worker import RoutedPrompt
+
+    pair = pair_factory(core(tiny_dir, 512, 256), core(tiny_dir, 512, 256))
+    second = make_prefill(core(tiny_dir, 512, 256))
+    try:
+        batch = prompts([41, 66, 23, 90], seed=12)
+        addresses = [pair.address, second.control.address]
+        reqs = [pair.decode.add_request(RoutedPrompt(p, addresses[i % 2]), GREEDY, f"m{i}")
+                for i, p in enumerate(batch)]
+        while not all(pair.done(r.request_id) for r in reqs):
+            pair.step()
+            second.step()
+            second.check_integrity()
+        assert [pair.tokens(r.request_id) for r in reqs] == reference(tiny_dir, batch)
+        bpt = pair.decode.bytes_per_token()
+        for eng, lengths in ((pair.prefill, (41, 23)), (second, (66, 90))):
+            assert eng.backend.stats().pool_bytes("full") == sum(lengths) * bpt.full
+            assert flushed_at_baseline(eng.core)
+        assert sum(p.ready for p in pair.decode.peers.values()) == 2
+    finally:
+        second.close()
