@@ -171,6 +171,7 @@ def main() -> None:
     ap.add_argument("--workload", choices=["chat", "docs", "both"], default="both")
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quantization", default="none")
     ap.add_argument("--kv-memory", type=float, default=4 << 30)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--chunk-size", type=int, default=1024)
@@ -182,6 +183,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/serve_workload.json")
     args = ap.parse_args()
     cfg = EngineConfig(page_size=args.page_size, kv_memory=args.kv_memory, dtype=args.dtype,
+                       quantization=args.quantization,
                        chunk_size=args.chunk_size, max_running_requests=args.max_running)
     names = ["chat", "docs"] if args.workload == "both" else [args.workload]
     results = []

@@ -1,4 +1,4 @@
-"""`swakv serve | generate | settings`.
+"""`swakv serve | router | generate | settings`.
 
 Flags come from the frozen config dataclasses (ServerConfig, EngineConfig): one
 flag per field, named after it (`kv_memory` -> `--kv-memory`), with the field's
@@ -18,6 +18,7 @@ import typing
 from collections.abc import Iterable, Sequence
 
 from swakv.config import EngineConfig, ServerConfig
+from swakv.disagg.config import PDConfig, RouterConfig
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kmgt]?)(i?)b?\s*$", re.I)
 
@@ -78,7 +79,7 @@ def config_from_args(ns: argparse.Namespace, cls: type, only: Iterable[str] | No
 def settings_markdown() -> str:
     """The README settings table, generated from the dataclasses' help text."""
     lines = ["| flag | default | meaning |", "| --- | --- | --- |"]
-    for cls in (ServerConfig, EngineConfig):
+    for cls in (ServerConfig, EngineConfig, PDConfig):
         for f in dataclasses.fields(cls):
             default = "auto" if f.default is None else f"`{f.default}`"
             text = f.metadata.get("help", "").replace("|", "\\|")
@@ -93,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the OpenAI-compatible HTTP server.")
     add_config_args(serve, ServerConfig)
     add_config_args(serve, EngineConfig)
+    add_config_args(serve, PDConfig)
+
+    router = sub.add_parser("router", help="one OpenAI endpoint over PD prefill/decode workers",
+                            description="Route OpenAI requests to PD prefill and decode workers.")
+    router.add_argument("--prefill", nargs="+", default=[], metavar="URL",
+                        help="prefill workers' HTTP URLs (more may register: POST /pd/register)")
+    router.add_argument("--decode", nargs="+", default=[], metavar="URL",
+                        help="decode workers' HTTP URLs")
+    router.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    router.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    router.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' (forwarded to the workers)")
+    router.add_argument("--health-interval", type=float, default=1.0,
+                        help="seconds between worker health checks (default: %(default)s)")
+    router.add_argument("--log-level", default="info", help="debug, info, warning or error")
 
     gen = sub.add_parser("generate", help="print a streamed completion (in-process, no server)",
                          description="Print a streamed completion of PROMPT (no server).")
@@ -124,10 +140,31 @@ def cmd_serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         engine_cfg = config_from_args(ns, EngineConfig)
     except ValueError as e:
         parser.error(str(e))
+    try:
+        pd_cfg = config_from_args(ns, PDConfig)
+    except ValueError as e:
+        parser.error(str(e))
     _setup_logging(server_cfg.log_level)
+    if pd_cfg.is_pd:
+        from swakv.server.pd_app import run_pd_server
+
+        return run_pd_server(engine_cfg, server_cfg, pd_cfg)
     from swakv.server.app import run_server
 
     return run_server(engine_cfg, server_cfg)
+
+
+def cmd_router(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        cfg = RouterConfig(prefill=tuple(ns.prefill), decode=tuple(ns.decode), host=ns.host,
+                           port=ns.port, api_key=ns.api_key, health_interval=ns.health_interval,
+                           log_level=ns.log_level)
+    except ValueError as e:
+        parser.error(str(e))
+    _setup_logging(cfg.log_level)
+    from swakv.server.router import run_router
+
+    return run_router(cfg)
 
 
 def cmd_generate(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -164,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(ns, _sub(parser, "serve"))
     if ns.command == "generate":
         return cmd_generate(ns, _sub(parser, "generate"))
+    if ns.command == "router":
+        return cmd_router(ns, _sub(parser, "router"))
     print(settings_markdown())
     return 0
 

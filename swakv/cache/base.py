@@ -9,6 +9,8 @@ the scheduler decides, the facade does. Lifecycle of one request:
 m = cache.match(tokens)               read-only
 kv = cache.admit(tokens, m)           takes a row, locks m.end, maps the hit: lens = P
 cache.extend(kv, n) / cache.decode(kvs)   slots for [kv_len, kv_len + n): alloc_len
+cache.extend_remote(kv, L)            PD decode / restore: slots for [kv_len, L), SWA only
+                                      for the tail; KV arrives from outside
    ... the model writes KV ...
 cache.mark_computed(kv, kv_len')      KV now exists for [0, kv_len')
 cache.advance_frontier(kv, f)         free SWA of request-owned [max(frontier, protected), f')
@@ -127,6 +129,46 @@ class CacheBase:
         self.req_table.slots[rows_t, cur] = slots
         for kv in kvs:
             kv.alloc_len = kv.kv_len + 1
+
+    def remote_swa_start(self, kv: ReqKV, seq_len: int) -> int:
+        """Default SWA start of `extend_remote`: `page_floor(max(kv_len, seq_len - W))`,
+        the SWA span of a PD transfer (`disagg.plan.swa_span_start`); seq_len without
+        sliding layers."""
+        if self.window is None:
+            return seq_len
+        return page_floor(max(kv.kv_len, seq_len - self.window), self.page)
+
+    def remote_need(self, kv: ReqKV, seq_len: int, swa_start: int | None = None) -> Need:
+        """Pages (as tokens per pool) that `extend_remote(kv, seq_len, swa_start)` takes."""
+        start = self.remote_swa_start(kv, seq_len) if swa_start is None else swa_start
+        full = num_pages(seq_len, self.page) - num_pages(kv.kv_len, self.page)
+        swa = num_pages(seq_len, self.page) - start // self.page
+        return Need(max(0, full) * self.page, max(0, swa) * self.page)
+
+    def extend_remote(self, kv: ReqKV, seq_len: int, swa_start: int | None = None) -> None:
+        """Slots for positions `[kv_len, seq_len)` whose KV is written from outside (PD
+        decode: by the prefill worker; a restore: from a host copy): full pages for all
+        of them, SWA pages only for `[swa_start, seq_len)` (default `remote_swa_start`).
+
+        `kv_len` must be page aligned (an admitted match end) and `swa_start` a page
+        boundary in `[kv_len, seq_len]`. Sets `alloc_len = seq_len` and `frontier =
+        swa_start`; `kv_len` stays until `mark_computed(kv, seq_len)` once the KV is in
+        place. OutOfKVMemory (nothing taken) if the pools cannot hold them.
+        Example, W 8, page 4, kv_len 8 (a hit), seq_len 21: full pages for [8, 21), SWA
+        for [12, 21) (page_floor(max(8, 13)) = 12), frontier 12.
+        """
+        self._require_settled(kv)
+        start = self.remote_swa_start(kv, seq_len) if swa_start is None else swa_start
+        p = self.page
+        if kv.kv_len % p or start % p or not kv.kv_len <= start <= seq_len:
+            raise KVInvariantError(
+                f"extend_remote to {seq_len} with SWA from {start}: not page aligned "
+                f"or outside [kv_len, seq_len] for {kv}")
+        if seq_len > kv.kv_len:
+            slots = self.allocator.alloc_extend_swa_tail(seq_len, seq_len - start, kv.kv_len)
+            self.req_table.write(kv.row, kv.kv_len, slots)
+        kv.alloc_len = seq_len
+        kv.frontier = start
 
     def mark_computed(self, kv: ReqKV, kv_len: int) -> None:
         """KV is written for `[0, kv_len)` (kv_len <= alloc_len, never backwards)."""

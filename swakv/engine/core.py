@@ -190,6 +190,15 @@ class EngineCore:
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
                     request_id: str | None = None) -> Request:
         """Validate and queue a request; raises InvalidRequest / PromptTooLong at once."""
+        req = self.register_request(prompt_ids, params, request_id)
+        self.scheduler.add(req)
+        return req
+
+    def register_request(self, prompt_ids: list[int], params: SamplingParams,
+                         request_id: str | None = None) -> Request:
+        """`add_request` without queueing it: the request is known (abort, release,
+        output text) but not scheduled; PD decode gives it KV from outside and starts
+        it with `add_decoding`."""
         self.validate_request(prompt_ids, params)
         if request_id is not None and request_id in self.requests:
             raise InvalidRequest(f"duplicate request id {request_id}", "request_id")
@@ -199,8 +208,35 @@ class EngineCore:
             req.request_id = request_id
         self.requests[req.request_id] = req
         self._texts[req.request_id] = OutputText(self.tokenizer, params, self.eos_ids)
-        self.scheduler.add(req)
         return req
+
+    def add_decoding(self, req: Request, first_token_id: int) -> StepOutput:
+        """Start decoding a registered request whose prompt KV is in place (PD decode).
+
+        `req.kv` covers `[0, L)` with `kv_len == L == len(req.token_ids)` (written from
+        outside); `first_token_id` was sampled elsewhere (the prefill worker). The token
+        is accounted like a sampled one; unless it ends the request, the request joins
+        the running batch and decodes from position L.
+        """
+        kv = req.kv
+        if req.is_finished or kv is None or kv.kv_len != len(req.token_ids) or req.output_ids:
+            raise InvalidRequest(f"request {req.request_id} has no complete prompt KV to "
+                                 "decode from", "request_id")
+        if not 0 <= first_token_id < self.spec.vocab_size:
+            raise InvalidRequest(f"first token {first_token_id} outside the vocabulary",
+                                 "first_token_id")
+        req.token_ids.append(first_token_id)
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        text = self._texts[req.request_id]
+        reason = text.add_token(first_token_id, req.num_output_tokens, req.max_new_tokens == 0)
+        req.lifecycle = Lifecycle.RUNNING
+        self.scheduler.running.append(req)
+        if reason is not None:
+            self.scheduler.finish(req)
+            self._finish(req, reason)
+        return StepOutput(req, [first_token_id], text.take_delta(reason is not None),
+                          reason is not None)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV; False if it is unknown or already done."""
@@ -210,6 +246,18 @@ class EngineCore:
         self.scheduler.finish(req, insert=req.lifecycle is Lifecycle.RUNNING)
         self._finish(req, FinishReason.ABORT)
         return True
+
+    def fail(self, request_id: str, message: str) -> StepOutput | None:
+        """Finish a request with an error now (its KV freed, nothing cached); None if it
+        is unknown or already done. For failures found outside a step (PD: a peer died
+        or timed out)."""
+        req = self.requests.get(request_id)
+        if req is None or req.is_finished:
+            return None
+        self.scheduler.finish(req, insert=False)
+        req.error = message
+        self._finish(req, FinishReason.ERROR)
+        return StepOutput(req, [], "", True, error=message)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)

@@ -128,20 +128,28 @@ class SWAAllocator:
         self._map_new(new_pages.numpy())
         return slots
 
-    def alloc_extend_swa_tail(self, seq_len: int, tail_len: int) -> torch.Tensor:
-        """Full slots for [0, seq_len) on fresh pages; SWA pages only for the tail.
+    def alloc_extend_swa_tail(self, seq_len: int, tail_len: int, prefix_len: int = 0
+                              ) -> torch.Tensor:
+        """Full slots for [prefix_len, seq_len) on fresh pages; SWA pages only for the tail.
 
-        The tail [seq_len - tail_len, seq_len) must start on a page boundary (it is
-        `swa_tail_len` of the sequence); earlier full pages map to 0.
+        The tail [seq_len - tail_len, seq_len) must start on a page boundary at or after
+        `prefix_len` (it is `swa_tail_len` of the sequence, or the PD transfer's SWA
+        span); earlier full pages map to 0. `prefix_len` (page aligned) positions are
+        held elsewhere (PD decode: a prefix-cache hit) and get no slots here.
+        Example, page 4: prefix 8, seq 21, tail 9 -> full pages for [8, 21) (4 pages),
+        SWA pages for [12, 21) (3 pages); the full page of [8, 12) maps to 0.
         """
         p = self.page_size
         tail_start = seq_len - tail_len
         if tail_start % p or not 0 <= tail_len <= seq_len:
             raise ValueError(f"tail [{tail_start}, {seq_len}) is not a page-aligned suffix")
-        n_full = num_pages(seq_len, p)
-        n_swa = n_full - tail_start // p
+        if prefix_len % p or not 0 <= prefix_len <= tail_start:
+            raise ValueError(f"prefix {prefix_len} is not page aligned or passes the tail "
+                             f"start {tail_start}")
+        n_full = num_pages(seq_len, p) - prefix_len // p
+        n_swa = num_pages(seq_len, p) - tail_start // p
         self._check(n_full, n_swa)
-        slots, new_pages = self.full.extend_slots(0, seq_len, None)
+        slots, new_pages = self.full.extend_slots(prefix_len, seq_len, None)
         self._map_new(new_pages.numpy()[n_full - n_swa :])
         return slots
 
