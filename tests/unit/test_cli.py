@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 from pathlib import Path
 
@@ -247,3 +248,48 @@ def test_bad_chat_template_and_generation_config_files_exit_1(tmp_path, capsys):
     assert main(["serve", path, *flags, "--generation-config", str(tmp_path)]) == 1
     lines = _stderr_lines(capsys)
     assert len(lines) == 1 and "--generation-config" in lines[0], lines
+
+
+# ---- first run: the GGUF conversion's progress bar and log ---------------------------
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from swakv.model import loader
+
+    quiet = io.StringIO()
+    monkeypatch.setattr("sys.stderr", quiet)
+    with loader._progress(3, "converting x") as bar:
+        bar.update(3)
+    assert quiet.getvalue() == ""
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    with loader._progress(3, "converting x") as bar:
+        bar.update(3)
+    assert "\rconverting x:   0%|          | 0/3 " in terminal.getvalue()
+
+
+def test_conversion_logs_its_start_and_time(monkeypatch, tmp_path, caplog):
+    import logging
+
+    from swakv.model import loader
+
+    monkeypatch.setenv("SWAKV_CACHE_DIR", str(tmp_path / "cache"))
+    src = tmp_path / "m.gguf"
+    src.write_bytes(b"x")
+
+    def convert(gguf_path, out_dir):
+        (out_dir / "config.json").write_text("{}")
+        (out_dir / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(loader, "convert_gguf", convert)
+    with caplog.at_level(logging.INFO, logger="swakv.model"):
+        out = loader.resolve_model(str(src))
+        loader.resolve_model(str(src))  # cached: logs nothing more
+    assert caplog.messages[0] == f"first use of {src}: converting it once into {out} " \
+                                 "(later starts reuse it)"
+    assert re.fullmatch(r"converted m\.gguf in \d+\.\d s", caplog.messages[1])
+    assert len(caplog.messages) == 2
