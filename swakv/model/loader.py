@@ -69,8 +69,9 @@ DEFAULT_MODEL_ALIASES = ("default", "gemma3-270m")
 DEFAULT_MODEL_IS_BASE = True
 BASE_MODEL_NOTE = (
     "the default model, Gemma 3 270M, is a BASE (pretrained) model, not a chat model: it "
-    "continues text. Use /v1/completions with a text prompt (\"The capital of France is\"); "
-    "chat requests get the Gemma chat template but answer poorly, best greedy (temperature 0)"
+    "continues text. Use /v1/completions with text to continue (\"Three primary colors "
+    "are\"); chat requests get the Gemma chat template but answer poorly, best greedy "
+    "(temperature 0) with a worked example turn (see the README)"
 )
 DEFAULT_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 DEFAULT_MODEL_DIRNAME = "gemma3-270m-q4_k_m"
