@@ -6,8 +6,12 @@ treat full and sliding layers differently reads the spec, never the layer index.
 
 from __future__ import annotations
 
+import functools
+import platform
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 import torch
 
@@ -125,30 +129,124 @@ class KVLayout:
 QUANTIZATION_MODES = ("none", "int8", "int4", "w8a8")  # swakv.model.quant.Quantization
 
 
-def _help(text: str, **kw):
-    """A dataclass field with `--help` text (the CLI builds its flags from these)."""
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, aliases: tuple[str, ...] = (), parse=None, **kw):
+    """A dataclass field with `--help` text (the CLI builds its flags from these).
+
+    `aliases`: extra flag names users know from other engines (vLLM, SGLang,
+    llama-server) that set this same field; `parse`: the CLI's parser for the flag's
+    text (default: from the field's type).
+    """
+    return field(metadata={"help": text, "aliases": aliases, "parse": parse}, **kw)
+
+
+MIB = 1 << 20
+KV_MEMORY_FORMS = ("a size like 4GiB, 512MiB or 2e9 (bytes, at least 1 MiB), or a fraction of "
+                   "currently available RAM written with a decimal point like 0.25")
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kmgt]?)(i?)b?\s*$", re.I)
+
+
+def parse_size(text: str) -> float:
+    """A float, optionally with a size suffix: '0.25', '2e9', '512M', '2GiB' (= 2 * 2**30).
+
+    K/M/G/T are decimal (1000**k) unless followed by 'i' (1024**k). ValueError otherwise.
+    """
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ValueError(f"not a number or size: {text!r}")
+    value, unit, binary = float(m.group(1)), m.group(2).lower(), m.group(3)
+    power = " kmgt".index(unit) if unit else 0
+    return value * (1024 if binary else 1000) ** power
+
+
+def parse_kv_memory(text: str) -> float:
+    """`--kv-memory`: bytes (a size, >= 1 MiB) or a fraction in (0, 1] written with a '.'.
+
+    '4GiB' -> 4 * 2**30; '0.25' -> 0.25; '1.0' -> 1.0 (all available RAM); '1', '2' or
+    '4096' (a bare integer below 1 MiB, i.e. a few bytes) -> ValueError showing the
+    accepted forms, because '1' reads as "all RAM" to some and as one byte to others.
+    """
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise ValueError(f"--kv-memory {text!r}: expected {KV_MEMORY_FORMS}") from None
+    is_fraction = "." in text and not any(c.isalpha() for c in text) and value <= 1
+    if is_fraction and value > 0:
+        return value
+    if value < MIB:
+        raise ValueError(f"--kv-memory {text!r} is {value:g} bytes; expected {KV_MEMORY_FORMS}")
+    return value
+
+
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """What `--dtype` resolved to and why (logged at start-up)."""
+
+    name: str  # "float32" or "bfloat16"
+    reason: str
+
+
+def native_bf16_supported() -> bool:
+    """Whether this machine's CPU computes bf16 natively (x86: AVX512-BF16 or AMX; Arm:
+    the BF16 extension). Without it bf16 is emulated and slower than float32."""
+    return _cpu_native_bf16()
+
+
+@functools.cache
+def _cpu_native_bf16() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    probes = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported",
+                                                    "_is_amx_tile_supported")]
+    if any(p is not None and p() for p in probes):
+        return True
+    try:  # Arm: the kernel lists the BF16 extension as "bf16" in Features
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return platform.machine().lower() in ("aarch64", "arm64") and "bf16" in flags
+
+
+def resolve_dtype(dtype: str) -> DtypeChoice:
+    """`auto` -> bfloat16 where the CPU has native bf16 support, else float32."""
+    if dtype != "auto":
+        return DtypeChoice(dtype, "set by --dtype")
+    if native_bf16_supported():
+        return DtypeChoice("bfloat16", "--dtype auto: the CPU has native bf16 support")
+    return DtypeChoice("float32", "--dtype auto: the CPU has no native bf16 support")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Cache and scheduler settings: one source for defaults, the CLI and the docs."""
+    """Engine settings (model execution, cache, scheduler, request defaults): one source
+    for defaults, the CLI flags (and their aliases) and the docs.
+
+    `seed`, `generation_config` and `chat_template` are applied where the model is
+    loaded and requests are built (`swakv.engine.build`, the server, `LLM`); EngineCore
+    itself does not read them.
+    """
 
     page_size: int = _help("tokens per KV page in both pools", default=16)
     kv_memory: float = _help(
-        "KV cache budget: bytes if > 1, else a fraction of currently available RAM",
-        default=0.25,
+        "KV cache budget: a size like 4GiB or 512MiB, or a fraction of currently available "
+        "RAM like 0.25 (a bare integer below 1 MiB is refused)",
+        default=0.25, parse=parse_kv_memory,
     )
     swa_fraction: float | None = _help(
         "share of the KV budget for the SWA pool; default: sized from the cost model "
         "for max_running_requests concurrent windows",
         default=None,
     )
-    max_running_requests: int = _help("most requests decoding or prefilling at once", default=64)
-    chunk_size: int = _help("most prompt tokens prefilled per step (chunked prefill)", default=512)
+    max_running_requests: int = _help(
+        "most requests decoding or prefilling at once", default=64,
+        aliases=("--max-num-seqs", "--parallel"))
+    chunk_size: int = _help(
+        "most prompt tokens prefilled per step (chunked prefill)", default=512,
+        aliases=("--max-num-batched-tokens", "--chunked-prefill-size"))
     max_context: int | None = _help(
-        "longest prompt + output in tokens; default: the model's limit", default=None
-    )
+        "longest prompt + output in tokens; default: the model's limit", default=None,
+        aliases=("--max-model-len", "--context-length"))
     decode_reserve: int = _help(
         "full-pool tokens reserved per running request for future outputs when admitting "
         "(smaller admits more and may retract)",
@@ -158,7 +256,8 @@ class EngineConfig:
         "advance a request's SWA frontier once this many tokens can be freed (amortised)",
         default=64,
     )
-    enable_prefix_cache: bool = _help("share KV between requests with a radix tree", default=True)
+    enable_prefix_cache: bool = _help("share KV between requests with a radix tree", default=True,
+                                      aliases=("--enable-prefix-caching",))
     host_kv_memory: str | None = _help(
         "host KV tier (prefix cache only): bytes like 8GiB, or a multiple of the device KV "
         "budget like 4x; evicted prefixes are kept there and loaded back on a hit "
@@ -170,8 +269,12 @@ class EngineConfig:
         "(1: write-through)",
         default=1,
     )
-    dtype: str = _help("model and KV dtype: float32 (exact) or bfloat16 (fast)", default="float32")
-    num_threads: int | None = _help("torch CPU threads; default: all cores", default=None)
+    dtype: str = _help(
+        "model and KV dtype: auto (bfloat16 where the CPU has native bf16 support, else "
+        "float32; the choice is logged), bfloat16 (fast) or float32 (the exact reference)",
+        default="auto")
+    num_threads: int | None = _help("torch CPU threads; default: all cores", default=None,
+                                    aliases=("--threads",))
     quantization: str = _help(
         "weight quantization: none (dtype weights; float32 is the exact reference), int8 "
         "(weight-only, per output channel), int4 (weight-only, groups of 32) or w8a8 (int8 "
@@ -179,18 +282,32 @@ class EngineConfig:
         "exact and pick the fastest kernel per batch size",
         default="none",
     )
+    seed: int | None = _help(
+        "seed of the random generator that requests without their own seed sample from "
+        "(same seed and same request order: same outputs); default: random", default=None)
+    generation_config: str = _help(
+        "default temperature / top_k / top_p / min_p / repetition_penalty for requests that "
+        "leave them unset: auto (the model's generation_config.json, or its GGUF "
+        "general.sampling.* metadata), none (OpenAI's defaults), or a directory or file "
+        "holding a generation_config.json", default="auto")
+    chat_template: str | None = _help(
+        "chat template (jinja) to use instead of the model's: a file, or the template "
+        "itself", default=None, aliases=("--chat-template-file",))
 
     def __post_init__(self) -> None:
         checks = [
             (self.page_size >= 1, "page_size must be >= 1"),
-            (self.kv_memory > 0, "kv_memory must be > 0"),
+            (0 < self.kv_memory <= 1 or self.kv_memory >= MIB,
+             f"kv_memory must be {KV_MEMORY_FORMS}; got {self.kv_memory!r}"),
             (self.swa_fraction is None or 0 < self.swa_fraction < 1, "swa_fraction in (0, 1)"),
             (self.max_running_requests >= 1, "max_running_requests must be >= 1"),
             (self.chunk_size >= 1, "chunk_size must be >= 1"),
             (self.decode_reserve >= 1, "decode_reserve must be >= 1"),
             (self.frontier_stride >= 1, "frontier_stride must be >= 1"),
             (self.host_backup_threshold >= 1, "host_backup_threshold must be >= 1"),
-            (self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16"),
+            (self.dtype in DTYPES, "dtype must be one of " + ", ".join(DTYPES)),
+            (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
+            (bool(self.generation_config), "generation_config must be auto, none or a path"),
             (self.quantization in QUANTIZATION_MODES,
              "quantization must be one of " + ", ".join(QUANTIZATION_MODES)),
         ]
@@ -200,7 +317,8 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return torch.float32 if self.dtype == "float32" else torch.bfloat16
+        """The dtype `dtype` stands for (`auto` resolved by `resolve_dtype`)."""
+        return torch.float32 if resolve_dtype(self.dtype).name == "float32" else torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -208,20 +326,21 @@ class ServerConfig:
     """HTTP server settings (`swakv serve`); engine settings live in EngineConfig."""
 
     model: str = _help(
-        "model: 'default' (Gemma 3 270M), a .gguf file or a Hugging Face-style directory",
-        default="default",
+        "model: 'default' (Gemma 3 270M, a base model), a .gguf file or a Hugging "
+        "Face-style directory; also accepted as the first argument (swakv serve MODEL)",
+        default="default", aliases=("--model-path",),
     )
     served_model_name: str | None = _help(
         "model id clients send and /v1/models lists; default: 'gemma3-270m' for the default "
         "model, else the file or directory name",
-        default=None,
+        default=None, aliases=("--alias",),
     )
     host: str = _help("address to bind (loopback by default; use 0.0.0.0 to expose)",
                       default="127.0.0.1")
     port: int = _help("TCP port", default=8000)
     api_key: str | None = _help(
-        "require 'Authorization: Bearer KEY' on /v1/* (default: $SWAKV_API_KEY if set, "
-        "else no auth)",
+        "require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize (default: "
+        "$SWAKV_API_KEY if set, else no auth)",
         default=None,
     )
     max_request_bytes: int = _help("largest request body accepted (larger: 413)",

@@ -3,15 +3,20 @@
     llm = LLM(page_size=16, kv_memory=2 << 30)
     out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=8))
     print(out[0].text)
+
+Calls without sampling params use `llm.default_sampling_params()`: the model's
+generation config (unless `generation_config="none"`) over SamplingParams' defaults,
+like vLLM's `LLM`. Explicit SamplingParams are used exactly as given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from swakv.config import EngineConfig
-from swakv.engine.build import build_engine, chat_prompt_ids
+from swakv.engine.build import build, chat_prompt_ids
 from swakv.engine.core import EngineCore, StepOutput
 from swakv.sampling_params import SamplingParams
 from swakv.sched.request import Request
@@ -67,9 +72,18 @@ def to_output(engine: EngineCore, req: Request) -> GenerationOutput:
 
 class LLM:
     def __init__(self, model: str | None = None, **settings) -> None:
-        self.config = EngineConfig(**settings)
-        self.engine = build_engine(model, self.config)
+        built = build(model, EngineConfig(**settings))
+        self.engine = built.engine
+        self.config = self.engine.cfg  # dtype resolved ("auto" -> "bfloat16" / "float32")
+        self.generation = built.generation
         self.tokenizer = self.engine.tokenizer
+
+    def default_sampling_params(self, fallback: Mapping[str, Any] | None = None,
+                                **given: Any) -> SamplingParams:
+        """SamplingParams from `given`, then the model's generation config for the
+        sampling values `given` leaves unset (or None), then `fallback`, then
+        SamplingParams' own defaults. Raises InvalidSamplingParams."""
+        return SamplingParams(**self.generation.apply(given, fallback))
 
     def encode(self, prompt: Prompt) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -83,7 +97,7 @@ class LLM:
         """Run all prompts to completion (batched together) and return outputs in order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.default_sampling_params()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError("need one SamplingParams per prompt")
@@ -94,7 +108,7 @@ class LLM:
              sampling_params: SamplingParams | None = None) -> list[GenerationOutput]:
         """Apply the model's chat template to each conversation and generate."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.default_sampling_params()
         return self._run(self._add_all([(self.chat_prompt(m), params) for m in convs]))
 
     def _add_all(self, work: list[tuple[list[int], SamplingParams]]) -> list[Request]:
@@ -106,7 +120,8 @@ class LLM:
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
                ) -> Iterator[StreamChunk]:
         """Yield text deltas of one request as steps produce them."""
-        req = self.engine.add_request(self.encode(prompt), sampling_params or SamplingParams())
+        req = self.engine.add_request(self.encode(prompt),
+                                      sampling_params or self.default_sampling_params())
         try:
             while not req.is_finished:
                 for out in self.engine.step():

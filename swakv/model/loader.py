@@ -10,7 +10,9 @@ Contracts:
   (`tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`).
 - GGUF files are dequantized once and cached under `cache_dir()/models/<key>/`.
   The cache directory is written to a temporary sibling and renamed into place, so
-  it either exists complete or not at all.
+  it either exists complete or not at all. The conversion logs its start and its
+  time, and shows a progress bar when stderr is a terminal. GGUF
+  `general.sampling.*` metadata becomes the directory's `generation_config.json`.
 - `load_model_dir(path)` reads such a directory; any missing, truncated or corrupt
   file raises `ModelLoadError` naming the file.
 
@@ -31,11 +33,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +59,20 @@ from swakv.model.spec import (
     spec_from_hf_config,
 )
 
+log = logging.getLogger("swakv.model")
+
 DEFAULT_MODEL_ALIASES = ("default", "gemma3-270m")
+# The bundled GGUF is Google's pretrained (base) Gemma 3 270M, not the instruction-tuned
+# one: its general.name is "Gemma 3 270m", it has no general.finetune and no
+# tokenizer.chat_template (tests/integration/test_cli_real.py checks this). A base model
+# continues text; it was never trained to follow chat turns.
+DEFAULT_MODEL_IS_BASE = True
+BASE_MODEL_NOTE = (
+    "the default model, Gemma 3 270M, is a BASE (pretrained) model, not a chat model: it "
+    "continues text. Use /v1/completions with text to continue (\"Three primary colors "
+    "are\"); chat requests get the Gemma chat template but answer poorly, best greedy "
+    "(temperature 0) with a worked example turn (see the README)"
+)
 DEFAULT_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
 DEFAULT_MODEL_DIRNAME = "gemma3-270m-q4_k_m"
 WEIGHTS_FILE = "model.safetensors"
@@ -124,9 +142,11 @@ def resolve_model(model: str | os.PathLike[str] | None) -> Path:
     if path.is_dir():
         _check_hf_dir(path)
         return path
-    raise ModelLoadError(
-        f"model {str(model)!r} is neither a known alias, a .gguf file nor a model dir"
-    )
+    expected = (f"expected {' or '.join(repr(a) for a in DEFAULT_MODEL_ALIASES)}, a .gguf file "
+                "or a model directory with config.json and *.safetensors")
+    if not path.exists():
+        raise ModelLoadError(f"model {str(model)!r}: no such file or directory ({expected})")
+    raise ModelLoadError(f"model {str(model)!r} is not a .gguf file ({expected})")
 
 
 def _resolve_default_model() -> Path:
@@ -163,7 +183,7 @@ def _is_complete_dir(path: Path) -> bool:
 
 def _check_hf_dir(path: Path) -> None:
     if not (path / CONFIG_FILE).is_file():
-        raise ModelLoadError(f"missing {path / CONFIG_FILE}")
+        raise ModelLoadError(f"model directory {path} has no {CONFIG_FILE}")
     if not _safetensors_files(path):
         raise ModelLoadError(f"no *.safetensors file in {path}")
 
@@ -181,6 +201,9 @@ def _ensure_converted(gguf_path: Path, target: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    log.info("first use of %s: converting it once into %s (later starts reuse it)",
+             gguf_path, target)
+    t0 = time.perf_counter()
     try:
         convert_gguf(gguf_path, tmp)
         _make_readable(tmp)
@@ -193,6 +216,7 @@ def _ensure_converted(gguf_path: Path, target: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    log.info("converted %s in %.1f s", gguf_path.name, time.perf_counter() - t0)
     return target
 
 
@@ -206,21 +230,43 @@ def _make_readable(path: Path) -> None:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Write config.json, model.safetensors (fp32) and tokenizer files for a GGUF.
+    """Write config.json, model.safetensors (fp32), tokenizer files and (when the GGUF
+    has `general.sampling.*` metadata) generation_config.json for a GGUF.
 
     `out_dir` must exist; files are written directly into it (callers make it a
-    temporary directory and rename it when this returns).
+    temporary directory and rename it when this returns). Progress (one step per
+    tensor, then the tokenizer) is drawn on stderr when it is a terminal.
     """
     from safetensors.torch import save_file
 
+    from swakv.model.generation_config import (
+        GENERATION_CONFIG_FILE,
+        GGUF_SAMPLING_KEYS,
+        generation_config_from_gguf,
+    )
     from swakv.model.tokenizer import save_tokenizer_from_gguf
 
     reader = _open_gguf(gguf_path)
-    weights = gguf_weights_to_hf(reader, gguf_path)
-    config = hf_config_from_gguf(reader, gguf_path, weights)
-    save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_tokenizer_from_gguf(gguf_path, out_dir, gguf_field(reader, "tokenizer.chat_template"))
+    with _progress(len(reader.tensors) + 1, f"converting {gguf_path.name}") as bar:
+        weights = gguf_weights_to_hf(reader, gguf_path, on_tensor=bar.update)
+        config = hf_config_from_gguf(reader, gguf_path, weights)
+        save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+        bar.set_postfix_str("tokenizer")
+        save_tokenizer_from_gguf(gguf_path, out_dir,
+                                 gguf_field(reader, "tokenizer.chat_template"))
+        bar.update()
+    sampling = generation_config_from_gguf({k: gguf_field(reader, k) for k in GGUF_SAMPLING_KEYS})
+    if sampling:
+        (out_dir / GENERATION_CONFIG_FILE).write_text(json.dumps(sampling, indent=2))
+
+
+def _progress(total: int, desc: str) -> Any:
+    """A tqdm bar on stderr, drawn only when stderr is a terminal (logs stay clean)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not sys.stderr.isatty(),
+                leave=False, dynamic_ncols=True)
 
 
 def _open_gguf(gguf_path: Path) -> Any:
@@ -255,10 +301,12 @@ def hf_tensor_name(gguf_name: str) -> str:
     raise ModelLoadError(f"unknown GGUF tensor {gguf_name!r}")
 
 
-def gguf_weights_to_hf(reader: Any, gguf_path: Path) -> dict[str, torch.Tensor]:
+def gguf_weights_to_hf(reader: Any, gguf_path: Path,
+                       on_tensor: Callable[[], Any] | None = None) -> dict[str, torch.Tensor]:
     """Dequantize every tensor of a Gemma 3 GGUF to fp32 under its HF name.
 
     Norm weights get -1 (GGUF stores 1 + w). No permutes or transposes are needed.
+    `on_tensor()` is called after each tensor (progress).
     """
     from gguf.quants import dequantize
 
@@ -274,6 +322,8 @@ def gguf_weights_to_hf(reader: Any, gguf_path: Path) -> dict[str, torch.Tensor]:
         if t.name.endswith("norm.weight"):
             arr = arr - np.float32(1.0)
         out[hf_tensor_name(t.name)] = torch.from_numpy(np.ascontiguousarray(arr))
+        if on_tensor is not None:
+            on_tensor()
     return out
 
 

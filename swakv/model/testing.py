@@ -4,7 +4,8 @@
 model small enough for unit tests and saves it in exactly the layout
 `swakv.model.loader.load_model_dir` and `swakv.model.tokenizer.load_tokenizer` read
 (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
-chat_template.jinja). `transformers` is imported inside the functions only.
+chat_template.jinja, and generation_config.json only when `generation_config` is
+given). `transformers` is imported inside the functions only.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def make_tiny_gemma3_dir(
     rope_scaling_factor: float = 1.0,
     final_logit_softcap: float | None = None,
     attn_logit_softcap: float | None = None,
+    generation_config: dict[str, Any] | None = None,
 ) -> Path:
     """Create a random fp32 Gemma 3 text model dir at `path` and return the path.
 
@@ -67,6 +69,8 @@ def make_tiny_gemma3_dir(
     are drawn from a seeded generator; the same arguments give identical files.
     The tokenizer covers printable ASCII when vocab >= 103 (smaller vocabularies
     keep a prefix of it, see `tiny_vocab`) and all UTF-8 when vocab >= 359.
+    `generation_config` (e.g. {"temperature": 0.5, "top_k": 7}) is written as the
+    model's generation_config.json; without it the directory has none.
     """
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -107,6 +111,11 @@ def make_tiny_gemma3_dir(
     model = Gemma3ForCausalLM(config).eval()
     _randomize_(model, seed)
     model.save_pretrained(path)
+    gen_file = path / "generation_config.json"
+    if generation_config is None:
+        gen_file.unlink(missing_ok=True)  # save_pretrained may write HF's defaults
+    else:
+        gen_file.write_text(json.dumps(generation_config, indent=2))
     _write_tiny_tokenizer(path, vocab)
     return path
 

@@ -177,6 +177,12 @@ class Tokenizer:
 
     # ------------------------------------------------------------- chat template
 
+    def set_chat_template(self, source: str) -> None:
+        """Use the jinja template `source` instead of the model's (compiled now, so a
+        broken template fails at start-up with ChatTemplateError, not per request)."""
+        self._template = _compile_template(source)
+        self.chat_template = source
+
     def apply_chat_template(
         self,
         messages: Sequence[Mapping[str, Any]],
@@ -270,6 +276,21 @@ def _read_chat_template(path: Path, cfg: Mapping[str, Any]) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         return named.get("default")
     return template if isinstance(template, str) else None
+
+
+def chat_template_source(value: str) -> str:
+    """`--chat-template VALUE`: the contents of file VALUE, or VALUE itself when it is a
+    template (contains '{{' or '{%'), like vLLM. ChatTemplateError otherwise."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ChatTemplateError(f"cannot read chat template file {path}: {e}") from e
+    if "{{" in value or "{%" in value:
+        return value
+    raise ChatTemplateError(f"--chat-template {value!r}: no such file (give a jinja file or "
+                            "the template itself)")
 
 
 def _raise_exception(message: str) -> None:

@@ -1,8 +1,9 @@
 """The FastAPI app and `run_server` (what `swakv serve` runs).
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
-GET /v1/models/{id}, GET /health, GET /metrics. /v1/* require the API key when one
-is set; /health and /metrics never do (they carry no user data).
+GET /v1/models/{id}, POST /tokenize, POST /detokenize, GET /health, GET /metrics.
+/v1/*, /tokenize and /detokenize require the API key when one is set; /health and
+/metrics never do (they carry no user data).
 
 Shutdown (SIGTERM or SIGINT): uvicorn stops accepting connections, lets in-flight
 requests (streams included) finish for up to `drain_timeout` seconds, then the
@@ -23,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from swakv.config import EngineConfig, ServerConfig
-from swakv.server import routes
+from swakv.model.generation_config import GenerationConfig
+from swakv.server import routes, tokenize
 from swakv.server.async_engine import AsyncEngine
 from swakv.server.metrics import ServerMetrics
 from swakv.server.protocol import ApiError
@@ -31,7 +33,8 @@ from swakv.server.state import ServerState, authorize, model_id_for
 
 log = logging.getLogger("swakv.server")
 
-_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize",
+              "/detokenize", "/health", "/metrics"}
 
 
 class _CountRequests:
@@ -65,7 +68,9 @@ def _error(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
-def create_app(cfg: ServerConfig, engine: AsyncEngine, metrics: ServerMetrics) -> FastAPI:
+def create_app(cfg: ServerConfig, engine: AsyncEngine, metrics: ServerMetrics,
+               generation: GenerationConfig | None = None) -> FastAPI:
+    """The app; `generation` supplies sampling values requests leave unset."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if not engine.healthy and not engine.stopped:
@@ -75,7 +80,8 @@ def create_app(cfg: ServerConfig, engine: AsyncEngine, metrics: ServerMetrics) -
 
     app = FastAPI(title="swakv", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    state = ServerState(cfg, engine, metrics, model_id_for(cfg), int(time.time()))
+    state = ServerState(cfg, engine, metrics, model_id_for(cfg), int(time.time()),
+                        generation or GenerationConfig())
     app.state.swakv = state
 
     @app.exception_handler(ApiError)
@@ -95,6 +101,8 @@ def create_app(cfg: ServerConfig, engine: AsyncEngine, metrics: ServerMetrics) -
 
     app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
+    app.add_api_route("/tokenize", tokenize.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", tokenize.detokenize, methods=["POST"])
 
     def model_card() -> dict:
         return {"id": state.model_id, "object": "model", "created": state.created,
@@ -127,14 +135,14 @@ def create_app(cfg: ServerConfig, engine: AsyncEngine, metrics: ServerMetrics) -
 
 def build_server_app(engine_cfg: EngineConfig, server_cfg: ServerConfig):
     """Load the model and size the pools, then wire the engine thread, metrics and app."""
-    from swakv.engine.build import build_engine
+    from swakv.engine.build import build
 
-    core = build_engine(server_cfg.model, engine_cfg)
+    built = build(server_cfg.model, engine_cfg)
     holder: list[AsyncEngine] = []
     metrics = ServerMetrics(lambda: holder[0].snapshot)
-    engine = AsyncEngine(core, metrics)
+    engine = AsyncEngine(built.engine, metrics)
     holder.append(engine)
-    return create_app(server_cfg, engine, metrics), engine
+    return create_app(server_cfg, engine, metrics, built.generation), engine
 
 
 def run_server(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
@@ -156,8 +164,8 @@ def run_server(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
     caught: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, _f: caught.append(s))
-    log.info("swakv serving %s on http://%s:%d", model_id_for(server_cfg), server_cfg.host,
-             server_cfg.port)
+    log.info("swakv serving %s on http://%s:%d (OpenAI API under /v1)", model_id_for(server_cfg),
+             server_cfg.host, server_cfg.port)
     server.run()
     engine.stop()
     return 0 if server.started else 1

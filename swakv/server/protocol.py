@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from swakv.model.generation_config import GenerationConfig
 from swakv.sampling_params import InvalidSamplingParams, SamplingParams
 
 MAX_SEED = 2**63 - 1
@@ -81,6 +82,7 @@ class _Common(BaseModel):
     min_tokens: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    return_token_ids: bool = False  # vLLM: add prompt_token_ids and each choice's token_ids
 
     def check_common(self, max_n: int) -> None:
         if self.n > max_n:
@@ -97,8 +99,12 @@ class _Common(BaseModel):
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias", "unsupported")
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        """The engine params of one choice; raises ApiError (400) for out-of-range values."""
+    def sampling_params(self, max_tokens: int, logprobs: int | None,
+                        generation: GenerationConfig | None = None) -> SamplingParams:
+        """The engine params of one choice; raises ApiError (400) for out-of-range values.
+
+        Sampling values the request leaves unset come from the model's generation config
+        (`generation`), else SamplingParams' defaults (OpenAI's)."""
         given = {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
             "min_p": self.min_p, "seed": self.seed,
@@ -107,7 +113,7 @@ class _Common(BaseModel):
             "presence_penalty": self.presence_penalty, "min_tokens": self.min_tokens,
             "stop_token_ids": tuple(self.stop_token_ids) if self.stop_token_ids else None,
         }
-        kwargs = {k: v for k, v in given.items() if v is not None}
+        kwargs = (generation or GenerationConfig()).apply(given)
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         try:
             return SamplingParams(max_tokens=max_tokens, stop=stop, ignore_eos=self.ignore_eos,

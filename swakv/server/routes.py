@@ -7,6 +7,13 @@ seed + j so that choices differ but the whole response is reproducible.
 Usage: prompt_tokens counts each prompt once (not once per choice, like OpenAI);
 completion_tokens sums every choice; cached_tokens counts, per prompt, the prefix
 tokens every one of its choices found in the cache.
+
+`return_token_ids: true` (vLLM's extension) adds token ids in vLLM's places:
+completions put `prompt_token_ids` and `token_ids` on each choice; chat puts
+`prompt_token_ids` on the response and `token_ids` on each choice. Streaming: each
+chunk's choice carries the `token_ids` it adds (a chunk is sent for new ids even
+when their text is still held back), and `prompt_token_ids` comes once, on a
+choice's first chunk (completions) or the first chunk of the response (chat).
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ def engine_error(e: BaseException, param: str) -> ApiError:
 
 @dataclass
 class _Choice:
+    prompt_token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
@@ -78,8 +86,9 @@ def usage_of(choices: list[_Choice], n: int) -> dict[str, Any]:
 class _Format:
     """Response shapes of one endpoint (chat or text completion)."""
 
-    def __init__(self, chat: bool, rid: str, model: str) -> None:
+    def __init__(self, chat: bool, rid: str, model: str, token_ids: bool = False) -> None:
         self.chat, self.id, self.model, self.created = chat, rid, model, int(time.time())
+        self.token_ids = token_ids  # return_token_ids
 
     def _envelope(self, chunk: bool) -> dict[str, Any]:
         obj = ("chat.completion" if self.chat else "text_completion") + (
@@ -87,7 +96,10 @@ class _Format:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def chunk(self, index: int, text: str | None, finish_reason: str | None,
-              logprobs: Any = None, role: bool = False) -> dict[str, Any]:
+              logprobs: Any = None, role: bool = False, token_ids: list[int] | None = None,
+              prompt_token_ids: list[int] | None = None) -> dict[str, Any]:
+        """One SSE chunk of choice `index`; `token_ids` / `prompt_token_ids` are added
+        only when return_token_ids is on and they are given."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
             if text:
@@ -97,7 +109,12 @@ class _Format:
         else:
             choice = {"index": index, "text": text or "", "logprobs": logprobs,
                       "finish_reason": finish_reason}
-        return {**self._envelope(True), "choices": [choice]}
+        out = {**self._envelope(True), "choices": [choice]}
+        if self.token_ids and token_ids is not None:
+            choice["token_ids"] = token_ids
+        if self.token_ids and prompt_token_ids is not None:
+            (out if self.chat else choice)["prompt_token_ids"] = prompt_token_ids
+        return out
 
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         return {**self._envelope(True), "choices": [], "usage": usage}
@@ -109,13 +126,21 @@ class _Format:
             lp = logprobs(c.logprobs, i) if logprobs else None
             text = "".join(c.text)
             if self.chat:
-                out.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "logprobs": lp, "finish_reason": c.finish_reason})
+                choice = {"index": i, "message": {"role": "assistant", "content": text},
+                          "logprobs": lp, "finish_reason": c.finish_reason}
             else:
-                out.append({"index": i, "text": text, "logprobs": lp,
-                            "finish_reason": c.finish_reason})
-        return {**self._envelope(False), "choices": out, "usage": usage_of(choices, n),
+                choice = {"index": i, "text": text, "logprobs": lp,
+                          "finish_reason": c.finish_reason}
+            if self.token_ids:
+                if not self.chat:
+                    choice["prompt_token_ids"] = c.prompt_token_ids
+                choice["token_ids"] = c.token_ids
+            out.append(choice)
+        body = {**self._envelope(False), "choices": out, "usage": usage_of(choices, n),
                 "system_fingerprint": None}
+        if self.token_ids and self.chat:  # chat has one prompt, shared by its n choices
+            body["prompt_token_ids"] = choices[0].prompt_token_ids
+        return body
 
 
 def _sse(data: Any) -> str:
@@ -212,7 +237,7 @@ async def _handle(request: Request, chat: bool) -> Response:
             raise bad_request("prompt must contain at least one token", prompt_param)
         max_tokens = _max_tokens(requested, default, len(ids), eng.max_context, max_param)
         for j in range(req.n):
-            params = req.sampling_params(max_tokens, num_logprobs)
+            params = req.sampling_params(max_tokens, num_logprobs, state.generation)
             if req.seed is not None and j:
                 params = _with_seed(params, (req.seed + j) % (2**63))
             work.append((list(ids), params))
@@ -224,12 +249,14 @@ async def _handle(request: Request, chat: bool) -> Response:
         if isinstance(e, asyncio.CancelledError):
             raise
         raise engine_error(e, prompt_param) from None
-    fmt = _Format(chat, rid, state.model_id)
+    fmt = _Format(chat, rid, state.model_id, req.return_token_ids)
     logprobs_fn = state.format_logprobs(chat) if num_logprobs is not None else None
+    choices = [_Choice(prompt_token_ids=ids) for ids, _ in work]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return SSEResponse(_stream(group, fmt, req.n, include_usage, logprobs_fn), group.close)
-    return await _collect(request, group, fmt, req.n, logprobs_fn)
+        return SSEResponse(_stream(group, fmt, choices, req.n, include_usage, logprobs_fn),
+                           group.close)
+    return await _collect(request, group, fmt, choices, req.n, logprobs_fn)
 
 
 def _with_seed(params, seed: int):
@@ -238,9 +265,8 @@ def _with_seed(params, seed: int):
     return replace(params, seed=seed)
 
 
-async def _collect(request: Request, group: RequestGroup, fmt: _Format, n: int,
-                   logprobs_fn) -> Response:
-    choices = [_Choice() for _ in group.request_ids]
+async def _collect(request: Request, group: RequestGroup, fmt: _Format, choices: list[_Choice],
+                   n: int, logprobs_fn) -> Response:
 
     async def gather() -> None:
         async for d in group.events():
@@ -274,18 +300,27 @@ def _add(choice: _Choice, d: Delta) -> None:
             d.prompt_tokens, d.completion_tokens, d.cached_tokens)
 
 
-async def _stream(group: RequestGroup, fmt: _Format, n: int, include_usage: bool,
-                  logprobs_fn) -> AsyncIterator[str]:
-    choices = [_Choice() for _ in group.request_ids]
+async def _stream(group: RequestGroup, fmt: _Format, choices: list[_Choice], n: int,
+                  include_usage: bool, logprobs_fn) -> AsyncIterator[str]:
+    # Choices whose prompt_token_ids are still to be sent (return_token_ids only).
+    prompt_pending = set(range(len(choices))) if fmt.token_ids else set()
     if fmt.chat:
         for i in range(len(choices)):
-            yield _sse(fmt.chunk(i, None, None, role=True))
+            yield _sse(fmt.chunk(i, None, None, role=True, prompt_token_ids=(
+                choices[0].prompt_token_ids if i == 0 and fmt.token_ids else None)))
+        prompt_pending.clear()
     try:
         async for d in group.events():
             _add(choices[d.index], d)
-            if d.text or d.finish_reason is not None or d.logprobs:
+            if (d.text or d.finish_reason is not None or d.logprobs
+                    or (fmt.token_ids and d.token_ids)):
                 lp = logprobs_fn(d.logprobs, d.index) if logprobs_fn and d.logprobs else None
-                yield _sse(fmt.chunk(d.index, d.text, d.finish_reason, lp))
+                prompt_ids = None
+                if d.index in prompt_pending:
+                    prompt_pending.discard(d.index)
+                    prompt_ids = choices[d.index].prompt_token_ids
+                yield _sse(fmt.chunk(d.index, d.text, d.finish_reason, lp,
+                                     token_ids=list(d.token_ids), prompt_token_ids=prompt_ids))
     except Exception as e:  # the stream has started: the error goes in an event
         yield _sse(engine_error(e, "messages" if fmt.chat else "prompt").body())
         yield "data: [DONE]\n\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from fastapi import Request
 
 from swakv.config import ServerConfig
 from swakv.engine.build import chat_prompt_ids
+from swakv.model.generation_config import GenerationConfig
 from swakv.model.loader import DEFAULT_MODEL_ALIASES
 from swakv.server.async_engine import AsyncEngine
 from swakv.server.metrics import ServerMetrics
@@ -42,6 +43,7 @@ class ServerState:
     metrics: ServerMetrics
     model_id: str
     created: int
+    generation: GenerationConfig = field(default_factory=GenerationConfig)  # request defaults
 
     @property
     def model_names(self) -> set[str]:
