@@ -37,12 +37,13 @@ class OutputText:
         """Account one sampled token; returns why the request stops, if it does."""
         p = self.params
         can_stop = num_output_tokens >= p.min_tokens
-        if can_stop and token_id in p.stop_token_ids:
-            return FinishReason.STOP
-        if can_stop and not p.ignore_eos and token_id in self.eos_ids:
-            return FinishReason.STOP
+        stop_token = can_stop and (token_id in p.stop_token_ids
+                                   or (not p.ignore_eos and token_id in self.eos_ids))
         old_len = len(self.text)
-        self.text += self._decoder.push(token_id)
+        if not stop_token:
+            self.text += self._decoder.push(token_id)
+        if stop_token or max_new_reached:  # the request ends: text held back is released
+            self.text += self._decoder.flush()
         if p.stop and can_stop:
             longest = max(len(s) for s in p.stop)
             start = max(0, old_len - longest + 1)
@@ -50,6 +51,8 @@ class OutputText:
             if hits:
                 self.text = self.text[: min(hits)]
                 return FinishReason.STOP
+        if stop_token:
+            return FinishReason.STOP
         return FinishReason.LENGTH if max_new_reached else None
 
     def take_delta(self, finished: bool) -> str:

@@ -161,3 +161,27 @@ def test_llm_api_generate_chat_stream(tiny_dir):
     chat = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=3))
     assert chat[0].usage.prompt_tokens > 1
     assert not llm.engine.has_unfinished()
+
+
+def test_text_held_back_is_released_when_a_request_ends():
+    # Byte-fallback pieces of an unfinished character are held back while streaming;
+    # when the request ends (length or a stop token) the rest is flushed (U+FFFD for a
+    # dangling byte), as decoding the ids does. Before, it was dropped.
+    import tempfile
+
+    from swakv.engine.output import OutputText
+    from swakv.model.testing import make_tiny_gemma3_dir
+    from swakv.model.tokenizer import Tokenizer
+    from swakv.sched.request import FinishReason
+
+    tok = Tokenizer.from_dir(make_tiny_gemma3_dir(tempfile.mkdtemp(), num_layers=1, vocab=400))
+    half = tok.encode("é", add_bos=False)[:1]  # the first byte piece of a 2-byte character
+    assert len(half) == 1
+    for reason_token, params in ((half[0], SamplingParams(max_tokens=1)),
+                                 (1, SamplingParams(max_tokens=5))):
+        out = OutputText(tok, params, frozenset({1}))
+        assert out.add_token(half[0], 1, params.max_tokens == 1) in (None, FinishReason.LENGTH)
+        if params.max_tokens > 1:
+            assert out.text == ""  # held back mid-character
+            assert out.add_token(reason_token, 2, False) is FinishReason.STOP
+        assert out.text == tok.decode(half) and out.text != ""

@@ -254,9 +254,9 @@ def test_f09_page_commit_cost_is_independent_of_length(tiny_dir):
         per_commit: dict[int, int] = {}
         real_commit = eng.cache.cache_unfinished
 
-        def commit(kv):
+        def commit(kv, **kw):
             before = pushes[0]
-            real_commit(kv)
+            real_commit(kv, **kw)
             per_commit[kv.protected_len] = pushes[0] - before
 
         eng.cache.cache_unfinished = commit
