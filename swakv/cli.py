@@ -18,6 +18,7 @@ import typing
 from collections.abc import Iterable, Sequence
 
 from swakv.config import EngineConfig, ServerConfig
+from swakv.plan.cli import register as register_planning
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kmgt]?)(i?)b?\s*$", re.I)
 
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap the prompt as one user message in the chat template")
 
     sub.add_parser("settings", help="print the settings table (markdown) of all flags")
+    register_planning(sub)  # plan, simulate: set `run`
     return parser
 
 
@@ -160,6 +162,8 @@ def cmd_generate(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    if hasattr(ns, "run"):
+        return ns.run(ns)
     if ns.command == "serve":
         return cmd_serve(ns, _sub(parser, "serve"))
     if ns.command == "generate":
