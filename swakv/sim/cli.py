@@ -26,7 +26,7 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="requests to simulate (chat/docs: default 1000; a file: all)")
     p.add_argument("--seed", type=int, default=0, help="trace seed (default: %(default)s)")
     p.add_argument("--rate", type=float, default=None,
-                   help="sessions (chat, default 4) or documents (docs, default 0.5) per second")
+                   help="sessions (chat, default 0.5) or documents (docs, default 0.05) per second")
     p.add_argument("--chunk-size", type=int, default=2048,
                    help="prefill chunk (default: %(default)s)")
     p.add_argument("--max-running-requests", type=int, default=128,
@@ -44,7 +44,7 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="fit the step time to steps timed on the real engine (JSONL from "
                         "`python -m swakv.sim.profile`)")
-    p.add_argument("--integrity-every", type=int, default=1000,
+    p.add_argument("--integrity-every", type=int, default=5000,
                    help="steps between check_integrity() samples (default: %(default)s)")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw pool usage, throughput and queues over time")
@@ -99,7 +99,7 @@ def _trace(ns: argparse.Namespace, vocab: int, chat_trace, docs_trace, read_json
     if ns.requests is not None and ns.requests < 1:
         raise ValueError("--requests must be >= 1")
     if ns.trace == "chat":
-        return chat_trace(ns.requests or 1000, ns.seed, session_rate=ns.rate or 4.0)
+        return chat_trace(ns.requests or 1000, ns.seed, session_rate=ns.rate or 0.5)
     if ns.trace == "docs":
-        return docs_trace(ns.requests or 1000, ns.seed, doc_rate=ns.rate or 0.5)
+        return docs_trace(ns.requests or 1000, ns.seed, doc_rate=ns.rate or 0.05)
     return read_jsonl(ns.trace, limit=ns.requests)

@@ -57,6 +57,7 @@ def plot_timeline(tl: Timeline, report: SimReport, path: Path) -> None:
     ret = ax.twinx()
     ret.plot(tl.t, tl.retractions, color="tab:red", linestyle=":", label="retractions (cum.)")
     ret.set_ylabel("retractions")
+    ret.set_ylim(0, max(1, max(tl.retractions, default=0)) * 1.05)
     handles = ax.get_legend_handles_labels()
     extra = ret.get_legend_handles_labels()
     ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper left", fontsize=8)

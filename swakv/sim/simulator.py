@@ -128,7 +128,7 @@ class Simulator:
     """A simulated engine for `spec` (see the module docstring)."""
 
     def __init__(self, spec: ModelSpec, cfg: EngineConfig, step_time: StepTimeModel,
-                 sizes: PoolSizes | None = None, integrity_every: int = 1000,
+                 sizes: PoolSizes | None = None, integrity_every: int = 5000,
                  name: str | None = None, kv_dtype: torch.dtype | None = None) -> None:
         """`kv_dtype` (default `cfg.torch_dtype`) sizes the pools: fp8 KV halves bf16's
         bytes per token. Without `sizes`, the pools are `size_pools` of the budget."""

@@ -1,9 +1,10 @@
 """How long one simulated engine step takes: `a + b * tokens + c * attention_work`.
 
 `tokens` is what the step computes (prefill chunk tokens plus one per decode).
-`attention_work` counts key reads over the step's query tokens and all layers: the query
-at position q reads q + 1 keys in each full layer and min(W, q + 1) in each sliding layer
-(the window the SWA pool keeps). The coefficients are given (`StepTimeModel(a, b, c)`),
+`attention_work` counts key reads over all layers (`attention_work`): a decode reads
+every visible key of a full layer and the window of a sliding layer; a prefill chunk
+reads them once per block of 128 queries, so long prefills are charged for their
+linear work (`b`) rather than per-query key reads, and decodes for the KV they read. The coefficients are given (`StepTimeModel(a, b, c)`),
 fitted to steps timed on the real engine (`fit_step_time`, profiles from
 `swakv.sim.profile`), or estimated from the model's size for an accelerator
 (`StepTimeModel.roofline`).
@@ -27,23 +28,27 @@ class StepTimeError(ValueError):
     """Coefficients or a profile that do not describe a step time."""
 
 
-def _sum_positions(lo: int, hi: int) -> int:
-    """sum(q + 1 for q in range(lo, hi)) (0 when hi <= lo)."""
-    return (hi * (hi + 1) - lo * (lo + 1)) // 2 if hi > lo else 0
+QUERY_BLOCK = 128  # query tokens that share one read of their keys (prefill)
 
 
 def attention_work(num_full_layers: int, num_swa_layers: int, window: int | None,
                    prefix_len: int, num_tokens: int) -> int:
-    """Key reads of queries at positions `[prefix_len, prefix_len + num_tokens)`.
+    """Key reads (per layer, summed over layers) of queries at positions
+    `[prefix_len, prefix_len + num_tokens)`, for a paged attention kernel that reads the
+    keys a block of up to QUERY_BLOCK queries needs once per block (a decode: once).
 
-    Example: 2 full and 3 sliding layers, W = 4, prefix 2, 3 tokens (positions 2, 3, 4):
-    full 2 * (3 + 4 + 5) = 24, sliding 3 * (3 + 4 + 4) = 33 -> 57.
+    A block of positions `[q0, q1)` reads keys `[0, q1)` in a full layer and
+    `[max(0, q0 - W + 1), q1)` in a sliding layer. Example: 2 full and 3 sliding
+    layers, W = 4, prefix 2, 3 tokens (one block [2, 5)): 2 * 5 + 3 * 5 = 25; a decode
+    at position 10 reads 11 keys per full layer and W = 4 per sliding layer.
     """
     lo, hi = prefix_len, prefix_len + num_tokens
-    work = num_full_layers * _sum_positions(lo, hi)
-    if num_swa_layers and window is not None:
-        k = min(max(window, lo), hi)  # positions [lo, k) see q + 1 < W + 1 keys, the rest W
-        work += num_swa_layers * (_sum_positions(lo, k) + (hi - k) * window)
+    work = 0
+    for q0 in range(lo, hi, QUERY_BLOCK):
+        q1 = min(hi, q0 + QUERY_BLOCK)
+        work += num_full_layers * q1
+        if num_swa_layers and window is not None:
+            work += num_swa_layers * (q1 - max(0, q0 - window + 1))
     return work
 
 
