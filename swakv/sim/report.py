@@ -39,6 +39,7 @@ def report_table(r: SimReport) -> str:
         f"{'peak SWA pool use':<24}{r.peak_used['swa_tokens']:12,} tokens ({swa_pct:.1f}%), "
         f"pinned by requests {r.peak_pinned['swa_tokens']:,}",
         f"{'retractions':<24}{r.retractions:12,}",
+        f"{'peak queue':<24}{r.peak_waiting:12,} requests waiting",
         f"{'engine steps':<24}{r.num_steps:12,}",
         f"{'integrity checks':<24}{r.integrity_checks:12,} (pools at baseline at the end: "
         f"{'yes' if r.at_baseline else 'NO'})",

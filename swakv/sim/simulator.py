@@ -116,6 +116,7 @@ class SimReport:
     peak_used: dict
     peak_pinned: dict
     retractions: int
+    peak_waiting: int  # most requests queued at once
     num_steps: int
     integrity_checks: int
     at_baseline: bool
@@ -176,18 +177,21 @@ class Simulator:
             (s.arrival, i, i, 0, []) for i, s in enumerate(trace.sessions)]
         heapq.heapify(pending)
         order = len(pending)
+        turn_of: dict[str, tuple[int, int]] = {}  # live request -> (session, turn)
         while pending or core.has_unfinished():
             if not core.has_unfinished() and pending[0][0] > clock.now:
                 clock.now = pending[0][0]
             while pending and pending[0][0] <= clock.now:
                 _, _, si, ti, convo = heapq.heappop(pending)
                 turn = trace.sessions[si].turns[ti]
-                self._add(f"s{si}-t{ti}", convo + turn_tokens(turn, vocab, trace.seed), turn)
+                request_id = f"s{si}-t{ti}"
+                if self._add(request_id, convo + turn_tokens(turn, vocab, trace.seed), turn):
+                    turn_of[request_id] = (si, ti)
             for out in core.step():
                 nxt = self._handle(out)
                 if nxt is None:
                     continue
-                si, ti = (int(x[1:]) for x in out.request.request_id.split("-"))
+                si, ti = turn_of.pop(out.request.request_id)
                 turns = trace.sessions[si].turns
                 if ti + 1 < len(turns):
                     heapq.heappush(pending, (clock.now + turns[ti + 1].think_time, order,
@@ -201,14 +205,16 @@ class Simulator:
         return self._report(trace, time.perf_counter() - wall0, at_baseline)
 
     # ---- per request ----------------------------------------------------------------
-    def _add(self, request_id: str, prompt: list[int], turn) -> None:
+    def _add(self, request_id: str, prompt: list[int], turn) -> bool:
+        """Submit one turn; False if the engine refused it (the session ends there)."""
         params = SamplingParams(temperature=0, max_tokens=turn.output_len, ignore_eos=True)
         try:
             self.core.add_request(prompt, params, request_id=request_id)
         except (PromptTooLong, InvalidRequest):
-            self.num_refused += 1  # a server answers 400; the session ends here
-            return
+            self.num_refused += 1  # a server answers 400
+            return False
         self.records[request_id] = RequestRecord(self.clock.now, len(prompt))
+        return True
 
     def _handle(self, out: StepOutput) -> list[int] | None:
         """Account one output; returns the conversation (prompt + outputs) when the
@@ -287,6 +293,7 @@ class Simulator:
             peak_pinned={"full_tokens": max(tl.full_pinned, default=0),
                          "swa_tokens": max(tl.swa_pinned, default=0)},
             retractions=core.scheduler.counters.num_retractions,
+            peak_waiting=max(tl.waiting, default=0),
             num_steps=self.executor.num_steps, integrity_checks=self.integrity_checks,
             at_baseline=at_baseline, wall_s=wall, host=host,
             timeline=self.timeline.downsampled(1000),
