@@ -1,6 +1,6 @@
 """Time the real engine's steps, to fit the simulator's step time model.
 
-    python -m swakv.sim.profile --out steps.jsonl [--model M] [--requests 48]
+    python -m swakv.sim.profile --out steps.jsonl [--model M] [--requests 96]
     swakv simulate --profile steps.jsonl ...
 
 Runs requests of mixed prompt lengths (chunked prefills, decodes at many depths)
@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSONL file of timed steps")
     ap.add_argument("--model", default=None, help="model (default: Gemma 3 270M)")
-    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--requests", type=int, default=96)
+    ap.add_argument("--concurrency", type=int, default=64,
+                    help="most requests queued or running at once (default: %(default)s)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--kv-memory", type=float, default=2 << 30)
     ap.add_argument("--seed", type=int, default=0)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from swakv.engine.build import build_engine
 
     core = build_engine(args.model, EngineConfig(kv_memory=args.kv_memory, dtype=args.dtype))
-    samples = profile_engine(core, args.requests, args.seed)
+    samples = profile_engine(core, args.requests, args.seed, max_concurrent=args.concurrency)
     write_profile(args.out, samples)
     m = fit_step_time(samples)
     print(f"{len(samples)} steps -> a={m.a:.6g} s, b={m.b:.6g} s/token, c={m.c:.6g} s/key read "
