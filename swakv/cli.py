@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from swakv.config import EngineConfig, ServerConfig, parse_size
 from swakv.disagg.config import PDConfig, RouterConfig
+from swakv.plan.cli import register as register_planning
 
 Runner = Callable[[argparse.Namespace, argparse.ArgumentParser], int]
 
@@ -274,7 +275,7 @@ def add_settings(sub) -> None:
 
 
 SUBCOMMANDS: tuple[Callable, ...] = (add_serve, add_router, add_generate, add_bench,
-                                     add_settings)
+                                     add_settings, register_planning)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,11 @@ from swakv.memory.allocator.swa import SWAAllocator
 from swakv.memory.pages import Need, max_frontier, num_pages, page_floor
 from swakv.memory.req_table import ReqTable
 
+# The window of a model without sliding layers (`window=None`): every earlier token
+# stays visible, so no position ever leaves it and no SWA is ever freed; the SWA pool
+# is then a zero-byte mirror of the full pool (`sched.sizing.size_pools`).
+UNBOUNDED_WINDOW = 1 << 62
+
 
 @dataclass(frozen=True)
 class CacheStats:
@@ -63,13 +68,13 @@ class CacheBase:
     """Rows, slots, the frontier and request-owned pages; the tree lives in subclasses."""
 
     def __init__(self, allocator: SWAAllocator, req_table: ReqTable, page_size: int,
-                 window: int) -> None:
+                 window: int | None) -> None:
         if allocator.page_size != page_size:
             raise ValueError(f"allocator page size {allocator.page_size} != {page_size}")
         self.allocator = allocator
         self.req_table = req_table
         self.page = page_size
-        self.window = window
+        self.window = UNBOUNDED_WINDOW if window is None else window
         self._counters = dict.fromkeys(("inserted_tokens", "dedup_tokens", "revived_tokens"), 0)
 
     # ---- capacity (side-effect free) --------------------------------------------------

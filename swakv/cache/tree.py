@@ -61,6 +61,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from swakv.cache.base import UNBOUNDED_WINDOW
 from swakv.cache.lru import LazyLRU
 from swakv.cache.node import InsertResult, LockHandle, MatchEnd, MatchResult, TreeNode
 from swakv.cache.tree_host import HostOps, HostTier
@@ -88,10 +89,12 @@ class RadixTree(LockOps, HostOps):
     copy of full / SWA KV. Kept incrementally; `check_integrity` recomputes them.
     """
 
-    def __init__(self, allocator: SWAAllocator, page_size: int, window: int,
+    def __init__(self, allocator: SWAAllocator, page_size: int, window: int | None,
                  host: HostTier | None = None) -> None:
         if allocator.page_size != page_size:
             raise ValueError(f"allocator page size {allocator.page_size} != {page_size}")
+        if window is None:  # no sliding layers: see UNBOUNDED_WINDOW
+            window = UNBOUNDED_WINDOW
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.allocator = allocator

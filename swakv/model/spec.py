@@ -1,4 +1,15 @@
-"""Hugging Face Gemma 3 config -> ModelSpec (layer kinds, windows, RoPE per kind)."""
+"""Hugging Face config.json -> ModelSpec (layer kinds, windows, RoPE per kind).
+
+Two entry points:
+- `spec_from_hf_config`: the spec of a model swakv's model code runs (Gemma 3), exact in
+  everything the forward pass reads (RoPE per layer kind included). The loader uses it.
+- `kv_spec_from_hf_config`: the spec of any supported hybrid sliding-window model
+  (Gemma 2 and 3, gpt-oss, Mistral-style all-sliding models, Llama/Qwen-style models
+  with or without a window), exact in what the KV cache, the cost model and the
+  planner read: layer kinds, window, KV heads, head dim, context limit. For
+  architectures other than Gemma 3 the RoPE fields are informational only (theta;
+  non-linear scaling such as gpt-oss's YaRN is not representable and is left at 1.0).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from swakv.config import AttentionSpec, AttnKind, ModelSpec
+
+GEMMA3_MODEL_TYPES = ("gemma3_text", "gemma3")  # what swakv's model code runs
 
 # Gemma 3 defaults that GGUF metadata does not carry (llama.cpp hard-codes them too).
 GEMMA3_SLIDING_WINDOW_PATTERN = 6  # every 6th layer is full attention
@@ -22,6 +35,9 @@ def _layer_types(n_layers: int, pattern: int) -> list[str]:
     ]
 
 
+class UnsupportedArchitecture(ValueError):
+    """A config whose architecture swakv cannot describe (or, for serving, cannot run)."""
+
 
 def spec_from_hf_config(cfg: Mapping[str, Any]) -> ModelSpec:
     """Derive a ModelSpec from a Gemma 3 HF config dict (text or multimodal wrapper).
@@ -33,8 +49,15 @@ def spec_from_hf_config(cfg: Mapping[str, Any]) -> ModelSpec:
     get the global RoPE theta and the linear scaling factor, if any.
 
     Example: 18 layers, sliding_window_pattern 6 -> layers 5, 11, 17 are full.
+    A config without `model_type` is read as Gemma 3; any other architecture raises
+    UnsupportedArchitecture (its capacity can still be planned: `kv_spec_from_hf_config`).
     """
-    if "text_config" in cfg and cfg.get("model_type") == "gemma3":
+    model_type = cfg.get("model_type", "gemma3_text")
+    if model_type not in GEMMA3_MODEL_TYPES:
+        raise UnsupportedArchitecture(
+            f"swakv's model code runs Gemma 3 only, not {model_type!r}; `swakv plan` and "
+            "`swakv simulate` accept this config")
+    if "text_config" in cfg and model_type == "gemma3":
         cfg = cfg["text_config"]
     if cfg.get("use_bidirectional_attention"):
         raise ValueError("bidirectional Gemma 3 attention is not supported")
@@ -68,6 +91,89 @@ def spec_from_hf_config(cfg: Mapping[str, Any]) -> ModelSpec:
         eos_token_ids=_id_tuple(cfg.get("eos_token_id")),
         pad_token_id=_opt_int(cfg.get("pad_token_id")),
     )
+
+
+def kv_spec_from_hf_config(cfg: Mapping[str, Any]) -> ModelSpec:
+    """ModelSpec of any supported hybrid sliding-window model (see the module docstring).
+
+    Layer kinds, by `model_type` (all as transformers derives them when a config has
+    no explicit `layer_types`; an explicit `layer_types` always wins):
+    - gemma3 / gemma3_text: `spec_from_hf_config` (period `sliding_window_pattern`, 6);
+    - gemma2, gpt_oss: alternating, layer i sliding iff i is even;
+    - qwen2 / qwen3 (and their MoE variants): sliding iff `use_sliding_window` and
+      i >= `max_window_layers`;
+    - anything else (mistral, llama, ...): every layer sliding when `sliding_window`
+      is set (Mistral 7B v0.1: 32 sliding layers of W = 4096), else every layer full.
+    Sliding layers see keys j with i - W < j <= i (transformers' sliding-window mask,
+    the same for all of these). A multimodal wrapper's `text_config` is read.
+
+    Example: gpt-oss-120b (36 layers, sliding_window 128) -> 18 sliding layers (0, 2,
+    ..., 34) with W = 128 and 18 full layers.
+    """
+    model_type = str(cfg.get("model_type", "gemma3_text"))
+    if model_type in GEMMA3_MODEL_TYPES:
+        return spec_from_hf_config(cfg)
+    if isinstance(cfg.get("text_config"), Mapping):
+        inner = dict(cfg["text_config"])
+        inner.setdefault("model_type", model_type)
+        return kv_spec_from_hf_config(inner)
+    n_layers = int(cfg["num_hidden_layers"])
+    heads = int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    window = cfg.get("sliding_window", cfg.get("sliding_window_size"))
+    types = _generic_layer_types(cfg, model_type, n_layers, window)
+    theta = _generic_rope_theta(cfg)
+    layers = tuple(_attention_spec(t, kv_heads, head_dim, (theta, 1.0), window) for t in types)
+    return ModelSpec(
+        arch=model_type,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg.get("intermediate_size") or 0),
+        num_heads=heads,
+        layers=layers,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        bos_token_id=_opt_int(cfg.get("bos_token_id")),
+        eos_token_ids=_id_tuple(cfg.get("eos_token_id")),
+        pad_token_id=_opt_int(cfg.get("pad_token_id")),
+    )
+
+
+_ALTERNATING = ("gemma2", "gpt_oss")  # layer i sliding iff (i + 1) % 2
+_QWEN = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+
+
+def _generic_layer_types(cfg: Mapping[str, Any], model_type: str, n_layers: int,
+                         window: Any) -> list[str]:
+    """HF layer types of a non-Gemma-3 config (rules in `kv_spec_from_hf_config`)."""
+    if cfg.get("layer_types") is not None:
+        return _hf_layer_types(cfg, n_layers)
+    if model_type in _ALTERNATING:
+        types = _layer_types(n_layers, 2)
+    elif model_type in _QWEN:
+        start = int(cfg.get("max_window_layers", n_layers))
+        on = bool(cfg.get("use_sliding_window")) and window is not None
+        types = ["sliding_attention" if on and i >= start else "full_attention"
+                 for i in range(n_layers)]
+    else:
+        kind = "full_attention" if window is None else "sliding_attention"
+        types = [kind] * n_layers
+    return _hf_layer_types({"layer_types": types}, n_layers)
+
+
+def _generic_rope_theta(cfg: Mapping[str, Any]) -> float:
+    """RoPE theta of a non-Gemma-3 config: `rope_theta`, else `rope_parameters` (flat or
+    keyed by layer type: the full layers' theta), else transformers' default 10000."""
+    if cfg.get("rope_theta") is not None:
+        return float(cfg["rope_theta"])
+    rp = cfg.get("rope_parameters")
+    if isinstance(rp, Mapping):
+        rp = rp.get("full_attention", rp)
+        if isinstance(rp, Mapping) and rp.get("rope_theta") is not None:
+            return float(rp["rope_theta"])
+    return 10_000.0
 
 
 def _hf_layer_types(cfg: Mapping[str, Any], n_layers: int) -> list[str]:

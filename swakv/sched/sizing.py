@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from swakv.config import EngineConfig, KVLayout
-from swakv.memory.pages import page_ceil
+from swakv.memory.pages import num_pages, page_ceil
 from swakv.sched.cost import CostModel
 
 
@@ -46,11 +46,25 @@ def kv_budget_bytes(kv_memory: float) -> int:
     return int(kv_memory) if kv_memory > 1 else int(kv_memory * available_ram_bytes())
 
 
-def size_pools(layout: KVLayout, cfg: EngineConfig, cost: CostModel) -> PoolSizes:
+# Context assumed when sizing a zero-byte full pool without a max_context (tokens).
+DEFAULT_SLOT_CONTEXT = 131_072
+
+
+def size_pools(layout: KVLayout, cfg: EngineConfig, cost: CostModel,
+               max_context: int | None = None) -> PoolSizes:
     """Split the KV budget between the full and the SWA pool.
 
     Without `swa_fraction`, the SWA pool gets what `max_running_requests` decoding
     windows plus one prefill chunk's transient need, and the full pool the rest.
+
+    A pool whose layers cost zero bytes per token still exists, because rows name
+    token slots through it (DESIGN §2):
+    - no sliding layers: the SWA pool has as many pages as the full pool, so it never
+      limits an allocation (every full page can map one), and costs nothing;
+    - no full layers: the whole budget goes to the SWA pool and the full pool has
+      enough pages for `2 * max_running_requests` requests of the context limit
+      (`max_context`, else `cfg.max_context`, else DEFAULT_SLOT_CONTEXT): running
+      requests plus as much again for cached prefixes, whose full pages cost nothing.
     """
     p = cfg.page_size
     budget = kv_budget_bytes(cfg.kv_memory)
@@ -58,14 +72,20 @@ def size_pools(layout: KVLayout, cfg: EngineConfig, cost: CostModel) -> PoolSize
     swa_bpt = layout.bytes_per_token(sliding=True)
     if swa_bpt == 0:
         swa_bytes = 0
+    elif full_bpt == 0:
+        swa_bytes = budget
     elif cfg.swa_fraction is not None:
         swa_bytes = int(budget * cfg.swa_fraction)
     else:
         swa_tokens = cfg.max_running_requests * cost.swa_steady() + cost.swa_prefill(cfg.chunk_size)
         swa_bytes = min(swa_tokens * swa_bpt, budget // 2)
     full_bytes = budget - swa_bytes
-    num_full_pages = full_bytes // (full_bpt * p) - 1 if full_bpt else 0
-    num_swa_pages = swa_bytes // (swa_bpt * p) - 1 if swa_bpt else 0
+    if full_bpt:
+        num_full_pages = full_bytes // (full_bpt * p) - 1
+    else:
+        context = max_context or cfg.max_context or DEFAULT_SLOT_CONTEXT
+        num_full_pages = 2 * cfg.max_running_requests * num_pages(context, p)
+    num_swa_pages = swa_bytes // (swa_bpt * p) - 1 if swa_bpt else num_full_pages
     min_swa = (cost.swa_prefill(1) // p) if swa_bpt else 0
     if num_full_pages < 2 or num_swa_pages < min_swa:
         raise PoolTooSmall(

@@ -1,0 +1,1 @@
+"""Trace simulation: the real scheduler, cache and allocators with a simulated clock."""
