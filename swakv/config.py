@@ -118,6 +118,16 @@ class KVLayout:
                 return a.window
         return None
 
+    @property
+    def index_in_pool(self) -> tuple[int, ...]:
+        """index_in_pool[g] = index of global layer g among its pool's layers (full or SWA)."""
+        counters = {False: 0, True: 0}
+        index = []
+        for a in self.layers:
+            index.append(counters[a.is_sliding])
+            counters[a.is_sliding] += 1
+        return tuple(index)
+
     def bytes_per_token(self, sliding: bool) -> int:
         """K+V bytes one token costs across all layers of one pool."""
         elem = torch.empty((), dtype=self.dtype).element_size()

@@ -48,12 +48,7 @@ class HeldKVScheduler(Scheduler):
     def release_held(self, req: Request, insert: bool) -> None:
         """Free a held request's KV: cache its committed prefix (`insert`) or drop it."""
         del self.held[req.request_id]
-        if req.kv is not None:
-            if insert:
-                self.cache.cache_finished(req.kv)
-            else:
-                self.cache.release(req.kv)
-            req.kv = None
+        self._drop_kv(req, insert)
 
     def resume(self, req: Request) -> None:
         """A held request whose KV is complete joins the running batch."""

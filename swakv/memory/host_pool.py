@@ -204,13 +204,7 @@ class HostKVPool:
         self.sizes = sizes
         self.pinned = torch.device(device).type == "cuda"
         self.layer_is_swa = tuple(a.is_sliding for a in layout.layers)
-        # layer_index[g] = index of global layer g inside its pool's tensor lists
-        counters = {False: 0, True: 0}
-        index = []
-        for is_swa in self.layer_is_swa:
-            index.append(counters[is_swa])
-            counters[is_swa] += 1
-        self.layer_index = tuple(index)
+        self.layer_index = layout.index_in_pool  # global layer -> index in its pool
         self.full = PageFreeList(sizes.num_full_pages)
         self.swa = PageFreeList(sizes.num_swa_pages)
         self.full_k, self.full_v, self.swa_k, self.swa_v = self._make()

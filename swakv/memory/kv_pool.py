@@ -65,13 +65,7 @@ class KVPool:
         self.allocator = allocator
         self.device = torch.device(device)
         self.layer_is_swa = tuple(a.is_sliding for a in layout.layers)
-        # layer_index[g] = index of global layer g inside its pool's list
-        counters = {False: 0, True: 0}
-        index = []
-        for is_swa in self.layer_is_swa:
-            index.append(counters[is_swa])
-            counters[is_swa] += 1
-        self.layer_index = tuple(index)
+        self.layer_index = layout.index_in_pool  # global layer -> index in its pool
         self.full_k, self.full_v = self._make(False, allocator.num_full_slots)
         self.swa_k, self.swa_v = self._make(True, allocator.num_swa_slots)
 

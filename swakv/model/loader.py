@@ -256,6 +256,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         save_tokenizer_from_gguf(gguf_path, out_dir,
                                  gguf_field(reader, "tokenizer.chat_template"))
         bar.update()
+        bar.refresh()  # draw the finished count even within tqdm's redraw interval
     sampling = generation_config_from_gguf({k: gguf_field(reader, k) for k in GGUF_SAMPLING_KEYS})
     if sampling:
         (out_dir / GENERATION_CONFIG_FILE).write_text(json.dumps(sampling, indent=2))

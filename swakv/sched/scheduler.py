@@ -289,14 +289,18 @@ class Scheduler:
         if req in self._touched:
             self._touched.remove(req)
 
-    def finish(self, req: Request, insert: bool = True) -> None:
-        """A request ended (or failed): cache (or drop) its KV, forget it."""
+    def _drop_kv(self, req: Request, insert: bool) -> None:
+        """Give up `req`'s KV: cache its committed prefix (`insert`) or release it all."""
         if req.kv is not None:
             if insert:
                 self.cache.cache_finished(req.kv)
             else:
                 self.cache.release(req.kv)
             req.kv = None
+
+    def finish(self, req: Request, insert: bool = True) -> None:
+        """A request ended (or failed): cache (or drop) its KV, forget it."""
+        self._drop_kv(req, insert)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:

