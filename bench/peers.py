@@ -8,7 +8,7 @@ measure, stop it, then the next (one at a time: the machine has two cores):
 - the chat (64 sessions x 4 turns) and documents workloads of `swakv bench serve`
   (same token-id prompts, greedy, ignore_eos, fixed output lengths).
 
-    python bench/peers.py --engines swakv,vllm,llama \\
+    python bench/peers.py --engines swakv,swakv:w8a8,vllm,llama --chat-sessions llama:16 \\
         --vllm-python /tmp/venv-vllm/bin/python --llama-server /tmp/llama/build/bin/llama-server
 
 Engines whose executables are not given are skipped (their row says so). `--chat-sessions`
@@ -50,10 +50,11 @@ def model_paths() -> tuple[str, str]:
 
 
 def server_command(engine: str, ns: argparse.Namespace, model_dir: str, gguf: str) -> list[str]:
-    if engine == "swakv":
+    if engine.startswith("swakv"):  # swakv or swakv:MODE (--quantization MODE)
+        mode = engine.partition(":")[2] or "none"
         return [str(ROOT / ".venv/bin/swakv"), "serve", "--port", str(PORT), "--dtype",
-                "bfloat16", "--quantization", ns.swakv_quantization, "--kv-memory", "4GiB",
-                "--log-level", "warning"]
+                "bfloat16", "--quantization", mode, "--kv-memory", "4GiB",
+                "--log-level", "warning", *ns.swakv_args.split()]
     if engine == "vllm":
         return [ns.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
                 "--dtype", "bfloat16", "--max-model-len", "8192",
@@ -136,13 +137,14 @@ def workloads(model: str, sessions: int) -> dict:
 
 def measure(engine: str, ns: argparse.Namespace, paths: tuple[str, str]) -> dict:
     cmd = server_command(engine, ns, *paths)
-    proc = start(cmd, Path(ns.log_dir) / f"{engine}.log")
+    proc = start(cmd, Path(ns.log_dir) / f"peers-{engine.replace(':', '-')}.log")
     try:
         model = wait_ready(proc, ns.start_timeout)
         rng = random.Random(0)
         row = {"command": " ".join(cmd), "single_stream_decode_tok_per_s": single_stream(model, rng),
                "prefill_tok_per_s": prefill(model, rng)}
-        row.update(workloads(model, ns.chat_sessions.get(engine, 64)))
+        if not ns.probes_only:
+            row.update(workloads(model, ns.chat_sessions.get(engine, 64)))
         return row
     finally:
         stop(proc)
@@ -151,10 +153,12 @@ def measure(engine: str, ns: argparse.Namespace, paths: tuple[str, str]) -> dict
 def table(results: dict) -> str:
     lines = [f"{'engine':<18}{'chat tok/s':>14}{'docs tok/s':>12}{'decode b1':>11}{'prefill':>10}"]
     for engine, row in results.items():
-        if "error" in row:
-            lines.append(f"{engine:<18}  {row['error']}")
+        if "error" in row or "chat" not in row:
+            lines.append(f"{engine:<18}  {row.get('error', row)}")
             continue
+        failed = row["chat"]["failed"] + row["docs"]["failed"]
         chat = f"{row['chat']['output_tok_per_s']:.1f} ({row['chat']['sessions']})"
+        engine = engine + (f" [{failed} failed]" if failed else "")
         lines.append(f"{engine:<18}{chat:>14}{row['docs']['output_tok_per_s']:>12.1f}"
                      f"{row['single_stream_decode_tok_per_s']:>11.1f}"
                      f"{row['prefill_tok_per_s']:>10.0f}")
@@ -164,14 +168,17 @@ def table(results: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engines", default="swakv,vllm,llama")
-    ap.add_argument("--swakv-quantization", default="none")
+    ap.add_argument("--engines", default="swakv,vllm,llama",
+                    help="comma-separated: swakv, swakv:MODE (a --quantization), vllm, llama")
     ap.add_argument("--vllm-python", default="/tmp/venv-vllm/bin/python")
     ap.add_argument("--llama-server", default="/tmp/llama/build/bin/llama-server")
     ap.add_argument("--llama-slots", type=int, default=64)
     ap.add_argument("--llama-context", type=int, default=131072)
     ap.add_argument("--chat-sessions", default="",
                     help="per engine, e.g. llama:16 (default: 64 for every engine)")
+    ap.add_argument("--probes-only", action="store_true",
+                    help="single stream and prefill only (no chat / docs workloads)")
+    ap.add_argument("--swakv-args", default="", help="extra `swakv serve` flags")
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--log-dir", default="/tmp")
     ap.add_argument("--out", default="bench/results/peers.json")
@@ -182,7 +189,7 @@ def main() -> int:
     results: dict[str, dict] = {}
     for engine in ns.engines.split(","):
         exe = {"vllm": ns.vllm_python, "llama": ns.llama_server}.get(engine)
-        name = engine if engine != "swakv" else f"swakv ({ns.swakv_quantization})"
+        name = engine
         if exe is not None and not Path(exe).exists():
             results[name] = {"error": f"skipped: {exe} not found"}
             continue

@@ -135,9 +135,9 @@ def create_app(cfg: ServerConfig, engine: AsyncEngine, metrics: ServerMetrics,
 
 def build_server_app(engine_cfg: EngineConfig, server_cfg: ServerConfig):
     """Load the model and size the pools, then wire the engine thread, metrics and app."""
-    from swakv.engine.build import build
+    from swakv.engine.build import build, off_the_main_thread
 
-    built = build(server_cfg.model, engine_cfg)
+    built = off_the_main_thread(lambda: build(server_cfg.model, engine_cfg))
     holder: list[AsyncEngine] = []
     metrics = ServerMetrics(lambda: holder[0].snapshot)
     engine = AsyncEngine(built.engine, metrics)

@@ -33,6 +33,7 @@ from swakv.disagg.metrics import PDMetrics
 from swakv.disagg.prefill_worker import PrefillEngine
 from swakv.disagg.transfer import MooncakeBackend
 from swakv.disagg.worker import PDEngineBase, UnavailableOutput, make_staging, new_worker_id
+from swakv.engine.build import off_the_main_thread
 from swakv.server.app import create_app
 from swakv.server.async_engine import AsyncEngine, EngineUnavailable, Failed
 from swakv.server.metrics import ServerMetrics
@@ -129,7 +130,8 @@ def build_pd_server_app(engine_cfg: EngineConfig, server_cfg: ServerConfig, pd_c
     """(ASGI app, AsyncEngine, worker engine) of one PD worker."""
     holder: list[AsyncEngine] = []
     metrics = ServerMetrics(lambda: holder[0].snapshot)
-    worker = build_pd_worker(engine_cfg, server_cfg, pd_cfg, metrics.registry)
+    worker = off_the_main_thread(
+        lambda: build_pd_worker(engine_cfg, server_cfg, pd_cfg, metrics.registry))
     engine = PDAsyncEngine(worker, metrics)
     holder.append(engine)
     app = create_app(server_cfg, engine, metrics)

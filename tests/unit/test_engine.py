@@ -185,3 +185,18 @@ def test_text_held_back_is_released_when_a_request_ends():
             assert out.text == ""  # held back mid-character
             assert out.add_token(reason_token, 2, False) is FinishReason.STOP
         assert out.text == tok.decode(half) and out.text != ""
+
+
+def test_off_the_main_thread_returns_and_raises() -> None:
+    """The server loads its model on a thread that ends (see `off_the_main_thread`)."""
+    import threading
+
+    from swakv.engine.build import off_the_main_thread
+
+    assert off_the_main_thread(lambda: threading.current_thread().name) == "swakv-load"
+
+    def fail() -> None:
+        raise ValueError("bad model")
+
+    with pytest.raises(ValueError, match="bad model"):
+        off_the_main_thread(fail)
