@@ -24,9 +24,19 @@ can still be resolved upwards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+TokenIds = Sequence[int] | torch.Tensor
+
+
+def as_tokens(token_ids: TokenIds) -> tuple[int, ...]:
+    """Token ids as a tuple (the key type of the tree)."""
+    if isinstance(token_ids, torch.Tensor):
+        return tuple(token_ids.tolist())
+    return token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
 
 
 class LockError(Exception):

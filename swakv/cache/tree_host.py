@@ -232,15 +232,11 @@ class HostOps:
             freed = freed + Need(int(full_pages.numel()), int(swa_pages.numel()))
             self.host_counters["host_evicted_full_tokens"] += int(full_pages.numel()) * p
             self.host_counters["host_evicted_swa_tokens"] += int(swa_pages.numel()) * p
-            parent = n.parent
             if leaf and n.value is None:  # host-only and no longer backed up: it goes
-                assert not n.children
-                del parent.children[n.key[:p]]  # type: ignore[union-attr]
-                n.in_tree = False
-                self.num_nodes -= 1
+                self._unlink(n)
             else:
                 self._push(n)
-            self._push(parent)  # type: ignore[arg-type]
+                self._push(n.parent)  # type: ignore[arg-type]
         self.host_lru.maybe_compact(self.num_nodes)
         return freed
 
