@@ -62,9 +62,10 @@ class HostTier:
 
 @dataclass(frozen=True)
 class LoadPlan:
-    """A load-back to end `end` (page aligned): `host_nodes` (path order, not on the
-    device) get full pages; `swa_nodes` (path order, in the window from `swa_start`,
-    without device SWA) get SWA pages. Sizes in pages."""
+    """A load-back to end `end` (page aligned): the path's nodes not on the device get
+    `num_full_pages` device full pages (all their positions below `end`); the path's
+    nodes without device SWA that overlap `[swa_start, end)` get `num_swa_pages` SWA
+    pages. `swa_start = page_floor(max(0, end - (W - 1)))`."""
 
     end: int
     swa_start: int
