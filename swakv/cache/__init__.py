@@ -4,7 +4,7 @@ Modules: `node` (types), `lru` (lazy heaps), `tree` (RadixTree), `integrity`
 (checks), `req_kv` (ReqKV), `base` (what the facades share, the lifecycle),
 `facade` (PrefixCache), `hicache` (HiCache: with the host tier, `tree_host`),
 `chunk_cache` (ChunkCache), `protocol` (KVCache, the interface the scheduler uses),
-`tree_lock` (the lock half of the tree).
+`tree_lock` and `tree_insert` (the lock and insert halves of the tree).
 """
 
 from swakv.cache.base import CacheStats

@@ -137,10 +137,9 @@ class CacheBase:
 
     def remote_swa_start(self, kv: ReqKV, seq_len: int) -> int:
         """Default SWA start of `extend_remote`: `page_floor(max(kv_len, seq_len - W))`,
-        the SWA span of a PD transfer (`disagg.plan.swa_span_start`); seq_len without
-        sliding layers."""
-        if self.window is None:
-            return seq_len
+        the SWA span of a PD transfer (`disagg.plan.swa_span_start`). Without sliding
+        layers (`UNBOUNDED_WINDOW`) that is kv_len: every position keeps SWA slots (in
+        the zero-byte mirror pool), as the window invariant requires; no SWA bytes move."""
         return page_floor(max(kv.kv_len, seq_len - self.window), self.page)
 
     def remote_need(self, kv: ReqKV, seq_len: int, swa_start: int | None = None) -> Need:

@@ -11,7 +11,7 @@ full page of `value` maps to an SWA page in the allocator (its SWA value is
 `allocator.translate(value)`); False (a **tombstone**) means every one maps to 0; a
 node off the device has `swa_live` False.
 
-Host state (host tier, `hicache.py`): `host_full` holds one host full-pool page id per
+Host state (host tier, `tree_host.py`): `host_full` holds one host full-pool page id per
 page of the node (None: not backed up), `host_swa` one host SWA-pool page id per page
 (None: no SWA on the host, a **host tombstone**; never set without `host_full`).
 
@@ -24,9 +24,19 @@ can still be resolved upwards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+TokenIds = Sequence[int] | torch.Tensor
+
+
+def as_tokens(token_ids: TokenIds) -> tuple[int, ...]:
+    """Token ids as a tuple (the key type of the tree)."""
+    if isinstance(token_ids, torch.Tensor):
+        return tuple(token_ids.tolist())
+    return token_ids if isinstance(token_ids, tuple) else tuple(token_ids)
 
 
 class LockError(Exception):

@@ -62,9 +62,10 @@ class HostTier:
 
 @dataclass(frozen=True)
 class LoadPlan:
-    """A load-back to end `end` (page aligned): `host_nodes` (path order, not on the
-    device) get full pages; `swa_nodes` (path order, in the window from `swa_start`,
-    without device SWA) get SWA pages. Sizes in pages."""
+    """A load-back to end `end` (page aligned): the path's nodes not on the device get
+    `num_full_pages` device full pages (all their positions below `end`); the path's
+    nodes without device SWA that overlap `[swa_start, end)` get `num_swa_pages` SWA
+    pages. `swa_start = page_floor(max(0, end - (W - 1)))`."""
 
     end: int
     swa_start: int
@@ -232,15 +233,11 @@ class HostOps:
             freed = freed + Need(int(full_pages.numel()), int(swa_pages.numel()))
             self.host_counters["host_evicted_full_tokens"] += int(full_pages.numel()) * p
             self.host_counters["host_evicted_swa_tokens"] += int(swa_pages.numel()) * p
-            parent = n.parent
             if leaf and n.value is None:  # host-only and no longer backed up: it goes
-                assert not n.children
-                del parent.children[n.key[:p]]  # type: ignore[union-attr]
-                n.in_tree = False
-                self.num_nodes -= 1
+                self._unlink(n)
             else:
                 self._push(n)
-            self._push(parent)  # type: ignore[arg-type]
+                self._push(n.parent)  # type: ignore[arg-type]
         self.host_lru.maybe_compact(self.num_nodes)
         return freed
 

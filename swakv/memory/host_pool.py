@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ import torch
 from swakv.config import KVLayout
 from swakv.memory.allocator.base import InvalidFree, PageFreeList, as_numpy
 from swakv.memory.pages import Need
+from swakv.memory.sizes import PoolSizes
 
 
 class InvalidHostKVMemory(ValueError):
@@ -113,40 +114,16 @@ def parse_host_kv_memory(setting: str | int | float | None) -> HostKVMemory | No
     return HostKVMemory(num_bytes=num_bytes)
 
 
-class DevicePoolSizes(Protocol):
-    """What host sizing reads of the device pools (`swakv.sched.sizing.PoolSizes` fits)."""
-
-    num_full_pages: int
-    num_swa_pages: int
-    page_size: int
-    full_bytes: int
-    swa_bytes: int
-
-
 @dataclass(frozen=True)
-class HostPoolSizes:
-    num_full_pages: int  # usable pages (page 0 excluded)
-    num_swa_pages: int
-    page_size: int
-    full_bytes: int  # K+V bytes of all full layers' host tensors, padding page included
-    swa_bytes: int
+class HostPoolSizes(PoolSizes):
+    """Sizes of the host pools (same fields as the device pools' `PoolSizes`)."""
 
-    def __post_init__(self) -> None:
-        if self.page_size < 1 or self.num_full_pages < 0 or self.num_swa_pages < 0:
-            raise ValueError(f"bad host pool sizes: {self}")
-
-    @property
-    def full_tokens(self) -> int:
-        return self.num_full_pages * self.page_size
-
-    @property
-    def swa_tokens(self) -> int:
-        return self.num_swa_pages * self.page_size
+    _kind: ClassVar[str] = "host pool"
 
 
 def host_pool_sizes(
     layout: KVLayout,
-    device: DevicePoolSizes,
+    device: PoolSizes,
     host_kv_memory: str | int | float | HostKVMemory | None,
     device_budget_bytes: int | None = None,
 ) -> HostPoolSizes | None:

@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from swakv.config import EngineConfig, KVLayout
 from swakv.memory.pages import num_pages, page_ceil
+from swakv.memory.sizes import PoolSizes  # re-exported: callers import it from here
 from swakv.sched.cost import CostModel
 
 
 class PoolTooSmall(ValueError):
     """The KV budget cannot hold even one request of minimal size."""
-
-
-@dataclass(frozen=True)
-class PoolSizes:
-    num_full_pages: int  # usable pages (page 0 excluded)
-    num_swa_pages: int
-    page_size: int
-    full_bytes: int
-    swa_bytes: int
-
-    @property
-    def full_tokens(self) -> int:
-        return self.num_full_pages * self.page_size
-
-    @property
-    def swa_tokens(self) -> int:
-        return self.num_swa_pages * self.page_size
 
 
 def available_ram_bytes() -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swakv.cache import HiCache, ReqKV
+from swakv.cache import HiCache, MatchResult, ReqKV
 from swakv.cache.tree_host import HostTier
 from swakv.config import AttentionSpec, AttnKind, KVLayout
 from swakv.memory import Need, ReqTable, SWAAllocator
@@ -27,7 +27,8 @@ CONFIGS = [(1, 3), (4, 3), (4, 4), (4, 9), (16, 8), (16, 16), (16, 37)]
 
 class Rig:
     def __init__(self, page: int, window: int, full_pages: int = 96, swa_pages: int = 96,
-                 host_full: int = 96, host_swa: int = 96, threshold: int = 1) -> None:
+                 host_full: int = 96, host_swa: int = 96, threshold: int = 1,
+                 check_every_step: bool = True) -> None:
         self.page, self.window = page, window
         layout = KVLayout((AttentionSpec(AttnKind.FULL, 1, 2, 1e4),
                            AttentionSpec(AttnKind.SLIDING, 1, 2, 1e4, window=window)),
@@ -39,10 +40,22 @@ class Rig:
         self.table = ReqTable(8, 4096)
         self.cache = HiCache(self.alloc, self.table, page, window, self.tier)
         self.tree = self.cache.tree
+        self.live: list[ReqKV] = []  # admitted, not yet finished or released
+        self.check_every_step = check_every_step
+        self.check()
+
+    def _step(self) -> None:
+        """After every cache operation: device, host and request bookkeeping consistent."""
+        if self.check_every_step:
+            self.check()
 
     # ---- requests -------------------------------------------------------------------
-    def admit(self, tokens: list[int]) -> ReqKV:
-        return self.cache.admit(list(tokens), self.cache.match(tokens))
+    def admit(self, tokens: list[int], match: MatchResult | None = None) -> ReqKV:
+        """Admit `tokens` on `match` (default: a fresh match of them)."""
+        kv = self.cache.admit(list(tokens), self.cache.match(tokens) if match is None else match)
+        self.live.append(kv)
+        self._step()
+        return kv
 
     def compute(self, kv: ReqKV, end: int | None = None) -> None:
         """Allocate and write (token, position) KV for [kv_len, end)."""
@@ -56,12 +69,56 @@ class Rig:
         mapped = self.alloc.is_swa_mapped(slots)
         self.kv.swa_k[0][self.alloc.translate(slots)[mapped], 0] = data[mapped]
         self.cache.mark_computed(kv, end)
+        self._step()
+
+    def commit(self, kv: ReqKV, anchor: bool = False) -> None:
+        self.cache.cache_unfinished(kv, anchor=anchor)
+        self._step()
+
+    def finish(self, kv: ReqKV) -> None:
+        self.cache.cache_finished(kv)
+        self.live.remove(kv)
+        self._step()
+
+    def release(self, kv: ReqKV) -> None:
+        self.cache.release(kv)
+        self.live.remove(kv)
+        self._step()
+
+    def evict(self, need: Need) -> Need:
+        freed = self.cache.evict(need)
+        self._step()
+        return freed
+
+    def evict_host(self, need_pages: Need) -> Need:
+        freed = self.tree.evict_host(need_pages)
+        self._step()
+        return freed
+
+    def hit(self, node) -> None:
+        """One more use of the path root..node (may back it up)."""
+        self.tree.note_hits(node)
+        self.tree.maybe_backup(node)
+        self._step()
 
     def run(self, tokens: list[int]) -> None:
         kv = self.admit(tokens)
         self.compute(kv)
-        self.cache.cache_finished(kv)
+        self.finish(kv)
         self.check()
+
+    def close(self) -> None:
+        """Finish every live request, evict everything from both tiers: every device and
+        host pool, and the request table, must be back at its initial free count."""
+        for kv in list(self.live):
+            self.finish(kv)
+        self.evict(Need(10**9, 10**9))
+        self.evict_host(Need(10**9, 10**9))
+        self.check()
+        assert self.alloc.available() == self.alloc.total(), "device pools not back at baseline"
+        assert self.host.available() == self.host.total(), "host pools not back at baseline"
+        assert self.table.num_free == self.table.num_rows, "request rows leaked"
+        assert self.tree.num_nodes == 0
 
     def verify(self, kv: ReqKV, upto: int) -> None:
         """Full KV of [0, upto) and SWA KV of its window read back as (token, position)."""
@@ -74,8 +131,10 @@ class Rig:
         assert bool(self.alloc.is_swa_mapped(win).all()), "window not on the device"
         assert torch.equal(self.kv.swa_k[0][self.alloc.translate(win), 0], want[lo:]), "SWA KV wrong"
 
-    def check(self, live=()) -> None:
-        self.cache.check_integrity(live)
+    def check(self, live=None) -> None:
+        """Integrity with `live` (default: the requests admitted through this rig)."""
+        self.kv.check_integrity()
+        self.cache.check_integrity(self.live if live is None else live)
 
     # ---- inspection -----------------------------------------------------------------
     def path(self, tokens: list[int]):
@@ -106,8 +165,8 @@ def test_backup_after_n_hits_ancestors_first(page, window):
     kv = r.admit(a)
     for end in (2 * p, 4 * p, 6 * p):  # chunked prefill: three nodes on one path
         r.compute(kv, end)
-        r.cache.cache_unfinished(kv)
-    r.cache.cache_finished(kv)
+        r.commit(kv)
+    r.finish(kv)
     nodes = r.path(a)
     assert [n.end for n in nodes][-1] == 6 * p and all(n.hits == 1 for n in nodes)
     assert r.host_used() == Need() and all(n.host_full is None for n in nodes)  # 1 use < 2
@@ -135,8 +194,9 @@ def test_backup_after_n_hits_ancestors_first(page, window):
         for off in range(p):
             assert torch.equal(r.host.full_k[0][n.host_full * p + off],
                                r.kv.full_k[0][dev * p + off])
-    r.cache.release(kv)
+    r.release(kv)
     r.check()
+    r.close()
 
 
 @pytest.mark.parametrize("page, window", CONFIGS)
@@ -145,14 +205,14 @@ def test_only_live_device_swa_is_backed_up(page, window):
     r = Rig(page, window, threshold=2)
     a = seq(8 * p, 2000)
     r.run(a)
-    r.cache.evict(Need(0, 10**6))  # SWA-only: every unlocked node becomes a tombstone
+    r.evict(Need(0, 10**6))  # SWA-only: every unlocked node becomes a tombstone
     nodes = r.path(a)
     assert not any(n.swa_live for n in nodes)
-    r.tree.note_hits(nodes[-1])  # a second use of the path: backed up, without SWA
-    r.tree.maybe_backup(nodes[-1])
+    r.hit(nodes[-1])  # a second use of the path: backed up, without SWA
     assert all(n.host_full is not None and n.host_swa is None for n in r.path(a))
     assert r.host_used() == Need(8 * p, 0)
     r.check()
+    r.close()
 
 
 # ---------------------------------------------------------------------------- demotion
@@ -163,7 +223,7 @@ def test_demotion_keeps_the_node_matchable_from_the_host(page, window):
     a = seq(5 * p, 3000)
     r.run(a)  # threshold 1: backed up at insert
     dev_before = r.alloc.available()
-    freed = r.cache.evict(Need(10**6, 0))
+    freed = r.evict(Need(10**6, 0))
     assert freed.full == 5 * p and r.alloc.available() == r.alloc.total()
     assert dev_before + freed == r.alloc.total()
     nodes = r.path(a)
@@ -173,6 +233,7 @@ def test_demotion_keeps_the_node_matchable_from_the_host(page, window):
     assert (m.prefix_len, m.full_only_len, m.host_prefix_len) == (0, 5 * p, 5 * p)
     assert m.host_extension == 5 * p
     r.check()
+    r.close()
 
 
 # ------------------------------------------------------------------------ host eviction
@@ -189,18 +250,18 @@ def test_host_eviction_order_and_host_tombstones():
     r.run(x)
     kv = r.admit(c)
     r.compute(kv, 4)
-    r.cache.cache_unfinished(kv)  # C1 = [0, 4)
+    r.commit(kv)  # C1 = [0, 4)
     r.compute(kv)
-    r.cache.cache_finished(kv)  # C2 = [4, 8)
+    r.finish(kv)  # C2 = [4, 8)
     c1, c2 = r.path(c)
     (xn,), (yn,) = r.path(x), r.path(y)
     assert r.host_used() == Need(16, 16)  # 4 pages of each
-    r.cache.release(r.admit(x + [1]))  # X is hit: most recent on the host
+    r.release(r.admit(x + [1]))  # X is hit: most recent on the host
     # Y is older than C1, C2 (host times: Y, X, C1, C2, then X refreshed).
     z = seq(16, 400)
     kv = r.admit(z)
     r.compute(kv)
-    r.cache.cache_finished(kv)  # Z's backup
+    r.finish(kv)  # Z's backup
     zn = r.path(z)
     assert all(n.host_full is not None for n in zn)
     assert yn.host_full is None and yn.value is not None  # evicted from host, still cached
@@ -210,6 +271,7 @@ def test_host_eviction_order_and_host_tombstones():
     c = r.tree.host_counters
     assert (c["host_evicted_full_tokens"], c["host_evicted_swa_tokens"]) == (8, 12)
     r.check()
+    r.close()
 
 
 def test_host_only_leaf_leaves_the_tree_when_evicted_from_host():
@@ -217,12 +279,13 @@ def test_host_only_leaf_leaves_the_tree_when_evicted_from_host():
     r = Rig(p, 4, host_full=4, host_swa=4)
     a = seq(8, 500)
     r.run(a)
-    r.cache.evict(Need(10**6, 0))  # demoted: host only
+    r.evict(Need(10**6, 0))  # demoted: host only
     assert r.path(a) and all(n.value is None for n in r.path(a))
     r.run(seq(16, 600))  # needs all 4 host pages: A leaves the tree for good
     assert r.cache.match(a + [1]).host_prefix_len == 0 and r.path(a) == []
     assert all(n.host_full is not None for n in r.path(seq(16, 600)))
     r.check()
+    r.close()
 
 
 # ----------------------------------------------------------------------- load-back
@@ -238,22 +301,22 @@ def test_load_back_three_windows(page, window, keep_on_device):
     a = seq(n_tok, 5000)
     kv = r.admit(a)
     r.compute(kv, p)
-    r.cache.cache_unfinished(kv)  # first node: [0, p)
+    r.commit(kv)  # first node: [0, p)
     r.compute(kv)
-    r.cache.cache_finished(kv)
+    r.finish(kv)
     first = r.path(a)[0]
     if keep_on_device:
-        r.cache.release(r.admit(a[:p] + [1]))  # hit: the first node is the newest
-        r.cache.evict(Need(n_tok - p, 0))  # demotes everything but the first node
+        r.release(r.admit(a[:p] + [1]))  # hit: the first node is the newest
+        r.evict(Need(n_tok - p, 0))  # demotes everything but the first node
         assert first.value is not None
     else:
-        r.cache.evict(Need(10**6, 0))
+        r.evict(Need(10**6, 0))
     d0 = p if keep_on_device else 0
     on_device = {id(n) for n in r.path(a) if n.value is not None}
     m = r.cache.match(a + [3])
     assert (m.prefix_len, m.host_prefix_len) == (d0 if _window_ok(r, a, d0) else 0, n_tok)
     free = r.alloc.available()
-    kv = r.cache.admit(a + [3], m)
+    kv = r.admit(a + [3], m)
     assert kv.protected_len == n_tok
     swa_start = page_floor(max(0, n_tok - (window - 1)), p)
     c = r.tree.host_counters
@@ -265,8 +328,9 @@ def test_load_back_three_windows(page, window, keep_on_device):
         if id(n) not in on_device:
             assert n.swa_live == (n.end > swa_start)
     r.check([kv])
-    r.cache.release(kv)
+    r.release(kv)
     r.check()
+    r.close()
 
 
 def _window_ok(r: Rig, tokens: list[int], end: int) -> bool:
@@ -285,7 +349,7 @@ def test_seed_load_back_under_swa_pressure_evicts_no_full_kv():
     r = Rig(p, w, full_pages=64, swa_pages=14)
     x = seq(32, 100)
     r.run(x)
-    r.cache.evict(Need(10**6, 0))  # X on the host only
+    r.evict(Need(10**6, 0))  # X on the host only
     y = seq(8, 900)
     r.run(y)  # cached, unlocked, live SWA: 2 pages of evictable SWA and full
     running = []
@@ -304,6 +368,7 @@ def test_seed_load_back_under_swa_pressure_evicts_no_full_kv():
     assert r.cache.evictable().full == full_before  # no full page left the tree
     r.verify(kv, 32)
     r.check(running + [kv])
+    r.close()
 
 
 def test_reverse_load_back_under_full_pressure_evicts_full_only_as_needed():
@@ -313,7 +378,7 @@ def test_reverse_load_back_under_full_pressure_evicts_full_only_as_needed():
     r = Rig(p, w, full_pages=16, swa_pages=64)
     x = seq(16, 100)
     r.run(x)
-    r.cache.evict(Need(10**6, 0))  # X: 4 pages, host only
+    r.evict(Need(10**6, 0))  # X: 4 pages, host only
     olds = [seq(4, 300 + 10 * i) for i in range(3)]
     for o in olds:
         r.run(o)  # three 1-page leaves, oldest first, on the device and backed up
@@ -333,6 +398,7 @@ def test_reverse_load_back_under_full_pressure_evicts_full_only_as_needed():
     assert r.tree.host_counters["loaded_swa_tokens"] == 16 - swa_start
     r.verify(kv, 16)
     r.check([running, kv])
+    r.close()
 
 
 @pytest.mark.parametrize("page, window", CONFIGS)
@@ -347,13 +413,13 @@ def test_host_swa_kept_at_anchors_trimmed_along_chains(page, window):
     toks = seq(n_total + 1, 7000)
     kv = r.admit(toks[:n_prompt])
     r.compute(kv)
-    r.cache.cache_unfinished(kv, anchor=True)  # the prompt end
+    r.commit(kv, anchor=True)  # the prompt end
     while kv.kv_len < n_total:  # decode, committing every filled page
         kv.token_ids.append(toks[kv.kv_len])
         r.compute(kv, kv.kv_len + 1)
         if kv.kv_len % p == 0:
-            r.cache.cache_unfinished(kv)
-    r.cache.cache_finished(kv)
+            r.commit(kv)
+    r.finish(kv)
     r.check()
 
     def kept(end: int):
@@ -362,13 +428,14 @@ def test_host_swa_kept_at_anchors_trimmed_along_chains(page, window):
     held = [n for n in r.path(toks) if n.host_swa is not None]
     assert set(map(id, held)) == set(map(id, kept(n_prompt) + kept(n_total)))
     assert r.tree.host_counters["host_trimmed_swa_tokens"] > 0
-    r.cache.evict(Need(10**6, 0))
+    r.evict(Need(10**6, 0))
     for end in (n_prompt, n_total):  # both anchors load back from the host
         m = r.cache.match(toks[: end + 1])
         assert (m.prefix_len, m.host_prefix_len) == (0, end)
-        got = r.cache.admit(toks[: end + 1], m)
+        got = r.admit(toks[: end + 1], m)
         assert got.protected_len == end
         r.verify(got, end)
-        r.cache.release(got)
-        r.cache.evict(Need(10**6, 0))
+        r.release(got)
+        r.evict(Need(10**6, 0))
         r.check()
+    r.close()

@@ -35,9 +35,10 @@ class HostMachine(RuleBasedStateMachine):
     def setup(self, cfg) -> None:
         page, window, threshold = cfg
         self.page, self.window = page, window
+        # the invariant below checks after every rule, so the rig does not check per call
         self.rig = Rig(page, window, full_pages=28, swa_pages=14, host_full=20, host_swa=12,
-                       threshold=threshold)
-        self.live: list = []
+                       threshold=threshold, check_every_step=False)
+        self.live = self.rig.live  # one list: the rig adds on admit, drops on finish/release
 
     # ---- helpers ------------------------------------------------------------------
     def _prompt(self, base: int, cut: int, tail: list[int]) -> list[int]:
@@ -56,8 +57,8 @@ class HostMachine(RuleBasedStateMachine):
         assert torch.equal(self.rig.kv.swa_k[0][self.rig.alloc.translate(win), 0], want[lo:])
 
     def _drop(self, kv, finished: bool) -> None:
-        (self.rig.cache.cache_finished if finished else self.rig.cache.release)(kv)
-        self.live.remove(kv)
+        (self.rig.finish if finished else self.rig.release)(kv)
+        assert kv not in self.live and kv.row == -1
 
     def _pick(self, i: int):
         return self.live[i % len(self.live)]
@@ -75,7 +76,7 @@ class HostMachine(RuleBasedStateMachine):
             kv = self.rig.admit(tokens)
         except OutOfKVMemory:
             return
-        self.live.append(kv)
+        assert self.live[-1] is kv
         self.rig.verify(kv, kv.protected_len)
 
     @precondition(lambda self: bool(self.live))
@@ -165,6 +166,7 @@ class HostMachine(RuleBasedStateMachine):
         assert r.alloc.available() == r.alloc.total(), "device pools not back at baseline"
         assert r.host.available() == r.host.total(), "host pools not back at baseline"
         assert r.tree.num_nodes == 0
+        r.close()  # also: request rows back, KV pool intact
 
 
 HostMachine.TestCase.settings = settings(

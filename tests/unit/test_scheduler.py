@@ -101,6 +101,20 @@ class Driver:
     def check(self) -> None:
         self.cache.check_integrity(self.sched.live_kvs())
 
+    def close(self, *outside) -> None:
+        """End of a test: release `outside` (KV a test took around the scheduler), finish
+        every request (its KV cached), evict everything; the pools and the request rows
+        must be back at their initial free counts."""
+        for kv in outside:
+            self.cache.release(kv)
+        for req in list(self.sched.running) + list(self.sched.waiting):
+            self.sched.finish(req)
+        self.check()
+        self.cache.evict(self.alloc.total())
+        self.check()
+        assert self.alloc.available() == self.alloc.total(), "pools not back at baseline"
+        assert self.table.num_free == self.table.num_rows, "request rows leaked"
+
 
 def tokens(n: int, base: int) -> list[int]:
     return [base + i for i in range(n)]
@@ -130,6 +144,7 @@ def test_admission_needs_both_budgets(full_pages, swa_pages, admitted):
         assert d.alloc.available() == Need(4 * full_pages - 12, 4 * swa_pages - 12)
     d.run([a, b])
     assert d.cache.log == [] or all(e[0] != "retract" for e in d.cache.log)
+    d.close()
 
 
 def test_first_request_admitted_even_if_budget_is_short():
@@ -138,6 +153,7 @@ def test_first_request_admitted_even_if_budget_is_short():
     a = d.add(tokens(8, 100), 100)  # need Need(12, 12) but max_tokens 100 > room
     d.step()
     assert a.lifecycle is Lifecycle.RUNNING
+    d.close()
 
 
 # ---------------------------------------------------------------------------- ladder
@@ -164,6 +180,7 @@ def test_ladder_frontier_first_and_only_as_far_as_needed():
     assert d.cache.log == [("frontier", 16)]
     assert a.kv.frontier == 16 and d.sched.counters.num_retractions == 0
     assert d.alloc.available() == Need(4 * 64 - 28, 4 * 6 - 12)
+    d.close()
 
 
 def test_ladder_evicts_swa_before_full_and_no_full_for_swa():
@@ -186,6 +203,7 @@ def test_ladder_evicts_swa_before_full_and_no_full_for_swa():
     assert d.alloc.available().full == full_free - 4  # only A's new page
     assert d.cache.match(tokens(16, 500) + [1]).full_only_len == 16  # X's full KV kept
     assert d.sched.counters.num_retractions == 0
+    d.close()
 
 
 def test_ladder_full_eviction_only_as_far_as_needed():
@@ -204,6 +222,7 @@ def test_ladder_full_eviction_only_as_far_as_needed():
     assert d.cache.match(tokens(4, 500) + [1]).prefix_len == 0  # x1: oldest, evicted
     assert d.cache.match(tokens(4, 600) + [1]).prefix_len == 4  # x2 stays
     assert d.sched.counters.num_retractions == 0
+    d.close()
 
 
 def test_retraction_victim_is_least_progress():
@@ -233,6 +252,7 @@ def test_retraction_victim_is_least_progress():
     assert all(r.lifecycle is Lifecycle.RUNNING for r in others)
     d.run([a, b, c])
     assert all(len(r.output_ids) == 50 for r in (a, b, c)), "a retraction lost outputs"
+    d.close()
 
 
 def test_retractions_run_in_a_loop_not_recursion():
@@ -255,9 +275,11 @@ def test_retractions_run_in_a_loop_not_recursion():
     real = d.sched._retract
     d.sched._retract = lambda r: (depths.append(len(inspect.stack())), real(r))[1]
     out = d.sched.schedule()
+    d.cache.check_integrity(d.sched.live_kvs() + [hog])
     assert len(depths) == 2 and depths[0] == depths[1], depths
     assert [i.num_tokens for i in out.items] == [8]
     assert d.sched.counters.num_retractions == 2
+    d.close(hog)
 
 
 # --------------------------------------------------------------- lone requests dropped
@@ -272,6 +294,7 @@ def test_lone_request_at_full_capacity_finishes_with_length():
     assert len(a.token_ids) == 17 and a.kv is None and not d.sched.running
     d.cache.evict(d.alloc.total())
     assert d.alloc.available() == d.alloc.total() and d.table.num_free == 8
+    d.close()
 
 
 def test_lone_request_that_can_never_run_is_dropped_with_an_error():
@@ -287,6 +310,7 @@ def test_lone_request_that_can_never_run_is_dropped_with_an_error():
     assert [i.req for i in out.items] == [good]
     d.run([good])
     assert d.table.num_free == 8
+    d.close()
 
 
 def test_a_step_with_work_never_returns_nothing():
@@ -302,6 +326,7 @@ def test_a_step_with_work_never_returns_nothing():
         assert all(r.is_finished for r in reqs)
         d.cache.evict(d.alloc.total())
         assert d.alloc.available() == d.alloc.total()
+        d.close()
 
 
 # ------------------------------------------------------------------- findings 8 and 12
@@ -333,6 +358,7 @@ def test_f08_scheduler_reaches_kv_only_through_the_facade(prefix):
     assert {"extend", "decode", "admit", "can_allocate"} <= rec.names
     sched_vars = vars(d.sched)
     assert not any(k in sched_vars for k in ("allocator", "req_table")), sched_vars.keys()
+    d.close()
 
 
 def test_f12_prefix_hits_counted_once_per_admission():
@@ -359,3 +385,4 @@ def test_f12_prefix_hits_counted_once_per_admission():
     hits_before_b = d.sched.counters.prefix_hit_tokens - 8
     assert hits_before_b == 0  # X and A hit nothing
     assert d.sched.counters.prefix_lookup_tokens == 8 + 8 + 12  # once per admission
+    d.close()
