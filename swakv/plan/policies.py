@@ -44,6 +44,10 @@ from swakv.sched.cost import CostModel
 from swakv.sched.sizing import PoolSizes, PoolTooSmall, size_pools
 
 
+class PlanError(ValueError):
+    """Plan parameters that cannot be planned (sizes, knobs, contexts, dtypes)."""
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -91,6 +95,11 @@ class SwakvKnobs:
     chunk_size: int = 512
     decode_reserve: int = 256
     frontier_stride: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "chunk_size", "decode_reserve", "frontier_stride"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"swakv {name} must be >= 1")
 
 
 def swakv_capacity(spec: ModelSpec, dtype: torch.dtype, budget: int, context: int,
