@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from swakv.bench.report import percentile as bench_percentile
 from swakv.config import EngineConfig, KVLayout, ModelSpec
 from swakv.engine.core import EngineCore, InvalidRequest, PromptTooLong, StepOutput
 from swakv.memory.pages import Need
@@ -88,11 +88,8 @@ class RequestRecord:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 1]); 0 for no values."""
-    if not values:
-        return 0.0
-    xs = sorted(values)
-    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+    """`swakv.bench.report.percentile` (nearest rank) with q in [0, 1]; 0 for no values."""
+    return bench_percentile(values, q * 100) if values else 0.0
 
 
 @dataclass

@@ -232,6 +232,12 @@ def test_refused_and_clock() -> None:
 def test_percentile_and_clock() -> None:
     assert percentile([], 0.5) == 0.0
     assert percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.0 and percentile([1.0, 2.0], 0.99) == 2.0
+    from swakv.bench.report import percentile as bench_percentile
+
+    xs = [float(x * 7 % 101) for x in range(1, 250)]
+    for q in (0.5, 0.9, 0.99):  # the simulator reports the bench's nearest rank
+        assert percentile(xs, q) == bench_percentile(xs, q * 100) == sorted(xs)[
+            -(-int(q * 100) * len(xs) // 100) - 1]
     c = SimClock()
     c.advance(0.5)
     with pytest.raises(ValueError):
