@@ -28,7 +28,7 @@ from swakv.sampling_params import SamplingParams
 from swakv.sched.cost import CostModel
 from swakv.sched.request import FinishReason
 from swakv.sched.sizing import PoolSizes, size_pools
-from swakv.sim.executor import SimClock, SimExecutor, TokenOnlyTokenizer
+from swakv.sim.executor import SimClock, SimExecutor, TokenOnlyTokenizer, check_engine_integrity
 from swakv.sim.host import simulated_host_tier
 from swakv.sim.steptime import StepTimeModel
 from swakv.sim.trace import Trace, turn_tokens
@@ -156,13 +156,8 @@ class Simulator:
         self._output_tokens = 0
 
     def check_integrity(self) -> None:
-        """`EngineCore.check_integrity` without the KV pools (there are none)."""
-        core = self.core
-        core.allocator.check_integrity()
-        core.req_table.check_integrity()
-        core.cache.check_integrity(core.scheduler.live_kvs())
-        for req in core.scheduler.waiting:
-            assert req.kv is None, f"waiting request {req.request_id} holds KV"
+        """`check_engine_integrity` of the engine (it has no KV pools), counted."""
+        check_engine_integrity(self.core)
         self.integrity_checks += 1
 
     def run(self, trace: Trace) -> SimReport:
