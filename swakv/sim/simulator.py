@@ -7,8 +7,9 @@ chunking, frontier advances, eviction, retraction, commits) is made by the same 
 that serves requests: only the forward pass is replaced.
 
 Integrity: `check_integrity` (O(pool)) runs every `integrity_every` steps and at the
-end; at the end the pools must be at baseline (nothing pinned; everything free after
-the cache is flushed).
+end; at the end the pools must be at baseline (nothing pinned; every device page free
+after the cache is flushed, and with a host tier every host page free after the host
+copies are evicted too).
 """
 
 from __future__ import annotations
@@ -193,8 +194,9 @@ class Simulator:
             if self.integrity_every and self.executor.num_steps % self.integrity_every == 0:
                 self.check_integrity()
         self.check_integrity()
+        host_at_end = self.core.cache.host_usage() if self._host_tier() else None
         at_baseline = self._check_baseline()
-        return self._report(trace, time.perf_counter() - wall0, at_baseline)
+        return self._report(trace, time.perf_counter() - wall0, at_baseline, host_at_end)
 
     # ---- per request ----------------------------------------------------------------
     def _add(self, request_id: str, prompt: list[int], turn) -> bool:
@@ -229,8 +231,12 @@ class Simulator:
             return None
         return convo
 
+    def _host_tier(self) -> bool:
+        return getattr(self.core.cache, "host", None) is not None  # a HiCache
+
     def _check_baseline(self) -> bool:
-        """Nothing pinned once idle, and every page free after flushing the cache."""
+        """Nothing pinned once idle, every device page free after flushing the cache and
+        every host page free after evicting the host copies (SimulationError if not)."""
         core = self.core
         snap = core.snapshot()
         if not snap.used_by_requests.is_zero():
@@ -240,10 +246,20 @@ class Simulator:
         if core.allocator.available() != core.allocator.total():
             raise SimulationError(f"pages leaked: free {core.allocator.available()} of "
                                   f"{core.allocator.total()} after flushing the cache")
+        if self._host_tier():
+            host = core.cache.host.pool
+            core.cache.tree.evict_host(Need(host.num_full_pages, host.num_swa_pages))
+            self.check_integrity()
+            if host.available() != host.total():
+                raise SimulationError(f"host pages leaked: free {host.available()} of "
+                                      f"{host.total()} after evicting the host copies")
         return True
 
     # ---- report ---------------------------------------------------------------------
-    def _report(self, trace: Trace, wall: float, at_baseline: bool) -> SimReport:
+    def _report(self, trace: Trace, wall: float, at_baseline: bool,
+                host_at_end: tuple[Need, Need] | None) -> SimReport:
+        """`host_at_end`: (total, free) host tokens when the trace ended (before the
+        baseline check empties the host tier)."""
         core, recs = self.core, list(self.records.values())
         done = [r for r in recs if r.reason in ("length", "stop")]
         failed = [r for r in recs if r.reason == "error"]
@@ -259,8 +275,8 @@ class Simulator:
         fb, sb = self.layout.bytes_per_token(False), self.layout.bytes_per_token(True)
         sizes = core.sizes
         host = {}
-        if hasattr(core.cache, "host_counters"):
-            total, free = core.cache.host_usage()
+        if host_at_end is not None:
+            total, free = host_at_end
             copier = core.cache.host.copier
             host = {"total_tokens": _need(total), "free_tokens_at_end": _need(free),
                     **core.cache.host_counters(), **copier.counters.__dict__}

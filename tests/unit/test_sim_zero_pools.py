@@ -82,7 +82,10 @@ def test_unbounded_window_in_the_cache() -> None:
 
 def run(s: ModelSpec, **kw):
     sim = Simulator(s, cfg(**kw), StepTimeModel(0.01, 1e-4, 1e-6), integrity_every=1)
-    return sim, sim.run(trace())
+    r = sim.run(trace())
+    assert r.integrity_checks == r.num_steps + 2  # every step, the end, the flushed end
+    assert sim.core.allocator.available() == sim.core.allocator.total()  # baseline
+    return sim, r
 
 
 def test_serves_without_sliding_layers() -> None:
