@@ -270,3 +270,7 @@ def test_simulate_cli(tmp_path, capsys) -> None:
     assert main(["simulate", "--model", "gemma-3-1b", "--kv-memory", "1GiB",
                  "--step-time", "1,2", "--requests", "1"]) == 2
     assert "a,b,c" in capsys.readouterr().err
+    for trace in ("chat", "docs"):  # a zero rate is refused, not replaced by the default
+        assert main(["simulate", "--model", "gemma-3-1b", "--kv-memory", "1GiB", "--trace", trace,
+                     "--rate", "0", "--requests", "1"]) == 2
+        assert "rate > 0" in capsys.readouterr().err
