@@ -225,8 +225,11 @@ def vllm_hybrid(shape: KVShape, budget: int, context: int, block_size: int = 16,
                      "max_num_batched_tokens": max_num_batched_tokens})
 
 
+LLAMACPP_CELL_PAD = 256  # llama.cpp pads a KV cache's cell count to a multiple of this
+
+
 def pad256(n: int) -> int:
-    return cdiv(n, 256) * 256
+    return cdiv(n, LLAMACPP_CELL_PAD) * LLAMACPP_CELL_PAD
 
 
 def llamacpp_capacity(shape: KVShape, budget: int, context: int, n_ubatch: int = 512,

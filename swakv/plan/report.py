@@ -9,6 +9,7 @@ import torch
 from swakv.config import MIB, parse_size
 from swakv.plan.models import PlanModel
 from swakv.plan.policies import (
+    LLAMACPP_CELL_PAD,
     Capacity,
     KVShape,
     PlanError,
@@ -129,20 +130,21 @@ def plan_table(plan: Plan) -> str:
                      f"({c.full_tokens:,} tokens), SWA {size_label(c.swa_bytes)} "
                      f"({c.swa_tokens:,} tokens); {flags}")
     lines += ["", "others' pools"]
-    for name, caps in plan.rows[2:4]:
+    for name, caps in plan.rows:
         c = next((x for x in caps if x is not None), None)
         if c is None:
             continue
-        if name.startswith("SGLang"):
+        if c.policy == "SGLang static split":
             lines.append(f"  {name}: full {size_label(c.full_bytes)} ({c.full_tokens:,} tokens), "
                          f"SWA {size_label(c.swa_bytes)} ({c.swa_tokens:,} tokens)")
-        else:
+        elif c.policy == "vLLM hybrid allocator":
             d = c.detail
             lines.append(f"  {name}: {d['num_blocks']:,} blocks of {d['block_size']} tokens x "
                          f"{d['group_size']} layers; groups: {d['full_groups']} full, "
                          f"{d['sliding_groups']} sliding, {d['padding_layers']} padding layers; "
                          f"max_num_batched_tokens {d['max_num_batched_tokens']}")
-    lines.append(f"  llama.cpp: n_ubatch {plan.others.llamacpp_ubatch}, cells padded to 256")
+    lines.append(f"  llama.cpp: n_ubatch {plan.others.llamacpp_ubatch}, cells padded to "
+                 f"{LLAMACPP_CELL_PAD}")
     return "\n".join(lines)
 
 

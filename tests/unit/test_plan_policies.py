@@ -195,6 +195,10 @@ def test_plan_cli_table(capsys, model, swakv_row, no_savings_row) -> None:
     assert len(rows) == 6 and all(len(v) == 3 for v in rows.values())
     assert rows["swakv"] == swakv_row and rows["no SWA savings"] == no_savings_row
     assert "8k" in out and "--swa-fraction" in out
+    others = out.split("\nothers' pools\n")[1].splitlines()
+    assert [line.split(":")[0] for line in others] == [
+        "  SGLang static split (0.8)", "  vLLM hybrid allocator", "  llama.cpp"]
+    assert others[2] == "  llama.cpp: n_ubatch 512, cells padded to 256"
     assert main(["plan", "--model", model, "--kv-memory", "60GiB", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [p["per_context"][0]["num_requests"] for p in data["policies"]][:2] == [
