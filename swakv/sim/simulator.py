@@ -130,7 +130,8 @@ class Simulator:
                  sizes: PoolSizes | None = None, integrity_every: int = 5000,
                  name: str | None = None, kv_dtype: torch.dtype | None = None) -> None:
         """`kv_dtype` (default `cfg.torch_dtype`) sizes the pools: fp8 KV halves bf16's
-        bytes per token. Without `sizes`, the pools are `size_pools` of the budget."""
+        bytes per token. Without `sizes`, the pools are `size_pools` of the budget for the
+        engine's context limit (`cfg.max_context`, else the model's)."""
         if integrity_every < 0:
             raise ValueError("integrity_every must be >= 0")
         self.spec, self.cfg, self.name = spec, cfg, name or spec.arch
@@ -138,7 +139,8 @@ class Simulator:
         if sizes is None:
             cost = CostModel(spec.window, cfg.page_size, cfg.chunk_size, cfg.decode_reserve,
                              cfg.frontier_stride)
-            sizes = size_pools(self.layout, cfg, cost, max_context=spec.max_position_embeddings)
+            sizes = size_pools(self.layout, cfg, cost,
+                               max_context=cfg.max_context or spec.max_position_embeddings)
         self.clock = SimClock()
         self.executor = SimExecutor(spec, step_time, self.clock)
         host_setting = cfg.host_kv_memory
