@@ -74,11 +74,6 @@ def run_plan(ns: argparse.Namespace, parser: argparse.ArgumentParser | None = No
         knobs = SwakvKnobs(ns.page_size, ns.chunk_size, ns.decode_reserve, ns.frontier_stride)
         others = OtherKnobs(ns.sglang_swa_ratio, ns.vllm_block_size, ns.vllm_max_batched_tokens,
                             ns.llamacpp_ubatch)
-        if min(ns.page_size, ns.chunk_size, ns.decode_reserve, ns.frontier_stride,
-               ns.vllm_block_size, ns.vllm_max_batched_tokens, ns.llamacpp_ubatch) < 1:
-            raise PlanError("sizes, chunks, strides and batches must be >= 1")
-        if not 0 < ns.sglang_swa_ratio <= 1:
-            raise PlanError("--sglang-swa-ratio must be in (0, 1]")
         plan = make_plan(model, parse_bytes(ns.kv_memory), parse_contexts(ns.context), ns.dtype,
                          knobs, others, budget_label=ns.kv_memory)
     except (UnknownModel, PlanError) as e:

@@ -75,15 +75,17 @@ def _plan_model(name: str, cfg: dict[str, Any], source: str) -> PlanModel:
         spec = kv_spec_from_hf_config(cfg)
     except (KeyError, TypeError, ValueError) as e:
         raise UnknownModel(f"{source}: not a supported model config: {e}") from e
-    return PlanModel(name, spec, source, model_notes(cfg, spec))
+    return PlanModel(name, spec, source, model_notes(spec))
 
 
-def model_notes(cfg: dict[str, Any], spec: ModelSpec) -> tuple[str, ...]:
+def model_notes(spec: ModelSpec) -> tuple[str, ...]:
+    """What the planner assumes beyond the layer kinds (the shipped configs' `source`
+    says only where the numbers come from; these notes say what they mean for KV)."""
     notes = []
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
-    if cfg.get("attention_sinks") or text.get("model_type") == "gpt_oss":
-        notes.append(f"attention sinks: one learned logit per query head ({spec.num_heads}); "
-                     "they hold no KV, so no token positions are pinned")
+    if spec.arch == "gpt_oss":
+        notes.append(f"attention sinks: one learned logit per query head ({spec.num_heads}, "
+                     "GptOssAttention.sinks) added to the softmax denominator; they hold no "
+                     "KV, so no token positions are pinned")
     if not spec.swa_layer_ids:
         notes.append("no sliding layers: the SWA pool has zero bytes per token and every "
                      "layer keeps every token")

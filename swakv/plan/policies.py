@@ -44,6 +44,10 @@ from swakv.sched.cost import CostModel
 from swakv.sched.sizing import PoolSizes, PoolTooSmall, size_pools
 
 
+class PlanError(ValueError):
+    """Plan parameters that cannot be planned (sizes, knobs, contexts, dtypes)."""
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -91,6 +95,11 @@ class SwakvKnobs:
     chunk_size: int = 512
     decode_reserve: int = 256
     frontier_stride: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("page_size", "chunk_size", "decode_reserve", "frontier_stride"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"swakv {name} must be >= 1")
 
 
 def swakv_capacity(spec: ModelSpec, dtype: torch.dtype, budget: int, context: int,
@@ -216,8 +225,11 @@ def vllm_hybrid(shape: KVShape, budget: int, context: int, block_size: int = 16,
                      "max_num_batched_tokens": max_num_batched_tokens})
 
 
+LLAMACPP_CELL_PAD = 256  # llama.cpp pads a KV cache's cell count to a multiple of this
+
+
 def pad256(n: int) -> int:
-    return cdiv(n, 256) * 256
+    return cdiv(n, LLAMACPP_CELL_PAD) * LLAMACPP_CELL_PAD
 
 
 def llamacpp_capacity(shape: KVShape, budget: int, context: int, n_ubatch: int = 512,

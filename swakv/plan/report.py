@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 
-from swakv.config import MIB
+from swakv.config import MIB, parse_size
 from swakv.plan.models import PlanModel
 from swakv.plan.policies import (
+    LLAMACPP_CELL_PAD,
     Capacity,
     KVShape,
+    PlanError,
     SwakvKnobs,
     llamacpp_capacity,
     no_swa_savings,
@@ -24,10 +25,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m
           "fp32": torch.float32}
 
 
-class PlanError(ValueError):
-    """Plan parameters that cannot be planned (sizes, contexts, dtypes)."""
-
-
 @dataclass(frozen=True)
 class OtherKnobs:
     """The other engines' settings, at their defaults."""
@@ -36,6 +33,13 @@ class OtherKnobs:
     vllm_block_size: int = 16
     vllm_max_batched_tokens: int = 8192
     llamacpp_ubatch: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("vllm_block_size", "vllm_max_batched_tokens", "llamacpp_ubatch"):
+            if getattr(self, name) < 1:
+                raise PlanError(f"{name} must be >= 1")
+        if not 0 < self.sglang_swa_ratio <= 1:
+            raise PlanError(f"sglang_swa_ratio must be in (0, 1], got {self.sglang_swa_ratio}")
 
 
 @dataclass(frozen=True)
@@ -126,20 +130,21 @@ def plan_table(plan: Plan) -> str:
                      f"({c.full_tokens:,} tokens), SWA {size_label(c.swa_bytes)} "
                      f"({c.swa_tokens:,} tokens); {flags}")
     lines += ["", "others' pools"]
-    for name, caps in plan.rows[2:4]:
+    for name, caps in plan.rows:
         c = next((x for x in caps if x is not None), None)
         if c is None:
             continue
-        if name.startswith("SGLang"):
+        if c.policy == "SGLang static split":
             lines.append(f"  {name}: full {size_label(c.full_bytes)} ({c.full_tokens:,} tokens), "
                          f"SWA {size_label(c.swa_bytes)} ({c.swa_tokens:,} tokens)")
-        else:
+        elif c.policy == "vLLM hybrid allocator":
             d = c.detail
             lines.append(f"  {name}: {d['num_blocks']:,} blocks of {d['block_size']} tokens x "
                          f"{d['group_size']} layers; groups: {d['full_groups']} full, "
                          f"{d['sliding_groups']} sliding, {d['padding_layers']} padding layers; "
                          f"max_num_batched_tokens {d['max_num_batched_tokens']}")
-    lines.append(f"  llama.cpp: n_ubatch {plan.others.llamacpp_ubatch}, cells padded to 256")
+    lines.append(f"  llama.cpp: n_ubatch {plan.others.llamacpp_ubatch}, cells padded to "
+                 f"{LLAMACPP_CELL_PAD}")
     return "\n".join(lines)
 
 
@@ -175,17 +180,13 @@ def parse_contexts(text: str) -> tuple[int, ...]:
 
 
 def parse_bytes(text: str) -> int:
-    """'60GiB', '512MiB', '80G' (K/M/G/T decimal unless followed by 'i'), or bytes."""
-    t = text.strip().lower().removesuffix("b")
-    binary = t.endswith("i")
-    t = t.removesuffix("i")
-    power = " kmgt".find(t[-1]) if t and t[-1] in "kmgt" else 0
-    if power:
-        t = t[:-1]
+    """`swakv.config.parse_size` in whole bytes: '60GiB', '512MiB', '80G' (K/M/G/T decimal
+    unless followed by 'i'), or bytes. Not `parse_kv_memory`: a plan's budget is an
+    accelerator's, never a fraction of this machine's RAM (the 1 MiB floor: `make_plan`)."""
     try:
-        value = float(t) * (1024 if binary else 1000) ** power
+        value = parse_size(text)
     except ValueError as e:
         raise PlanError(f"not a size: {text!r} (use 60GiB, 80G or bytes)") from e
-    if not math.isfinite(value) or value < 1:
+    if value < 1:
         raise PlanError(f"a KV budget must be at least 1 byte, got {text!r}")
     return int(value)

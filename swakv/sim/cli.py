@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 from swakv.config import EngineConfig
+from swakv.sim.trace import DEFAULT_DOC_RATE, DEFAULT_SESSION_RATE
+
+DEFAULT_NUM_REQUESTS = 1000  # of the built-in chat and docs traces
 
 
 def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,10 +26,12 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", default="chat",
                    help="'chat', 'docs' or a JSONL trace file (default: %(default)s)")
     p.add_argument("--requests", type=int, default=None,
-                   help="requests to simulate (chat/docs: default 1000; a file: all)")
+                   help=f"requests to simulate (chat/docs: default {DEFAULT_NUM_REQUESTS}; "
+                        "a file: all)")
     p.add_argument("--seed", type=int, default=0, help="trace seed (default: %(default)s)")
     p.add_argument("--rate", type=float, default=None,
-                   help="sessions (chat, default 0.5) or documents (docs, default 0.05) per second")
+                   help=f"sessions (chat, default {DEFAULT_SESSION_RATE}) or documents (docs, "
+                        f"default {DEFAULT_DOC_RATE}) per second")
     p.add_argument("--chunk-size", type=int, default=2048,
                    help="prefill chunk (default: %(default)s)")
     p.add_argument("--max-running-requests", type=int, default=128,
@@ -98,8 +103,11 @@ def run_simulate(ns: argparse.Namespace, parser: argparse.ArgumentParser | None 
 def _trace(ns: argparse.Namespace, vocab: int, chat_trace, docs_trace, read_jsonl):
     if ns.requests is not None and ns.requests < 1:
         raise ValueError("--requests must be >= 1")
+    num_requests = ns.requests or DEFAULT_NUM_REQUESTS
     if ns.trace == "chat":
-        return chat_trace(ns.requests or 1000, ns.seed, session_rate=ns.rate or 0.5)
+        rate = DEFAULT_SESSION_RATE if ns.rate is None else ns.rate
+        return chat_trace(num_requests, ns.seed, session_rate=rate)
     if ns.trace == "docs":
-        return docs_trace(ns.requests or 1000, ns.seed, doc_rate=ns.rate or 0.05)
+        return docs_trace(num_requests, ns.seed, doc_rate=DEFAULT_DOC_RATE if ns.rate is None
+                          else ns.rate)
     return read_jsonl(ns.trace, limit=ns.requests)

@@ -2,10 +2,11 @@
 
 `record_decisions(core)` wraps the engine's executor (the seam the engine step has for
 it) with a recorder of each batch's items; `DecisionLog.end_step` closes a step with
-what finished and the scheduler's counters. Two engines fed the same requests at the
-same steps (`drive_by_steps`) must produce equal logs if they share every decision:
-the same admissions (an admitted item starts at its prefix-cache hit), chunks,
-decodes, retractions and finishes.
+what was retracted and finished, and the scheduler's counters. Two engines fed the
+same requests at the same steps (`drive_by_steps`) must produce equal logs if they
+share every decision: the same admissions (an admitted item starts at its prefix-cache
+hit), chunks, decodes, retractions (which requests, not only how many) and finishes.
+`drive_by_steps` checks each engine's integrity after every step.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ from dataclasses import dataclass, field
 from swakv.engine.executor import ExecuteResult, Executor
 from swakv.sampling_params import SamplingParams
 from swakv.sched.scheduler import ScheduledItem
+from swakv.sim.executor import check_engine_integrity
 
 
 @dataclass(frozen=True)
 class StepDecisions:
     """One engine step: items `(request id, prefix_len, num_tokens)` in batch order;
-    finished `(request id, reason, outputs, cached prompt tokens)`; cumulative counters."""
+    retracted request ids (sorted); finished `(request id, reason, outputs, cached prompt
+    tokens)`; cumulative counters."""
 
     items: tuple[tuple[str, int, int], ...]
+    retracted: tuple[str, ...]
     finished: tuple[tuple[str, str, int, int], ...]
     num_retractions: int
     prefix_hit_tokens: int
@@ -50,14 +54,21 @@ class DecisionLog:
     core: object  # the EngineCore being recorded
     recorder: DecisionRecorder
     steps: list[StepDecisions] = field(default_factory=list)
+    integrity_checks: int = 0
+    _num_retractions: dict[str, int] = field(default_factory=dict)  # request id -> seen
 
     def end_step(self, outputs) -> None:
         finished = tuple((o.request.request_id, o.request.finish_reason.value,
                           o.request.num_output_tokens, o.request.cached_prompt_tokens)
                          for o in outputs if o.finished)
+        retracted = []
+        for request_id, req in self.core.requests.items():
+            if req.num_retractions != self._num_retractions.get(request_id, 0):
+                self._num_retractions[request_id] = req.num_retractions
+                retracted.append(request_id)
         c = self.core.scheduler.counters
-        self.steps.append(StepDecisions(self.recorder.take(), finished, c.num_retractions,
-                                        c.prefix_hit_tokens))
+        self.steps.append(StepDecisions(self.recorder.take(), tuple(sorted(retracted)), finished,
+                                        c.num_retractions, c.prefix_hit_tokens))
 
 
 def record_decisions(core) -> DecisionLog:
@@ -70,7 +81,8 @@ def record_decisions(core) -> DecisionLog:
 def drive_by_steps(core, arrivals: Mapping[int, Sequence[tuple[str, list[int], SamplingParams]]],
                    max_steps: int = 100_000) -> DecisionLog:
     """Add `arrivals[k]` (request id, prompt, params) before step k; step until every
-    request finished. Returns the decision log."""
+    request finished, checking the engine's integrity after every step. Returns the
+    decision log."""
     log = record_decisions(core)
     last = max(arrivals, default=0)
     step = 0
@@ -78,6 +90,8 @@ def drive_by_steps(core, arrivals: Mapping[int, Sequence[tuple[str, list[int], S
         for request_id, prompt, params in arrivals.get(step, ()):
             core.add_request(prompt, params, request_id=request_id)
         log.end_step(core.step())
+        check_engine_integrity(core)
+        log.integrity_checks += 1
         step += 1
         if step > max_steps:
             raise RuntimeError(f"no progress after {max_steps} steps")

@@ -7,20 +7,21 @@ chunking, frontier advances, eviction, retraction, commits) is made by the same 
 that serves requests: only the forward pass is replaced.
 
 Integrity: `check_integrity` (O(pool)) runs every `integrity_every` steps and at the
-end; at the end the pools must be at baseline (nothing pinned; everything free after
-the cache is flushed).
+end; at the end the pools must be at baseline (nothing pinned; every device page free
+after the cache is flushed, and with a host tier every host page free after the host
+copies are evicted too).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from swakv.bench.report import percentile as bench_percentile
 from swakv.config import EngineConfig, KVLayout, ModelSpec
 from swakv.engine.core import EngineCore, InvalidRequest, PromptTooLong, StepOutput
 from swakv.memory.pages import Need
@@ -28,7 +29,7 @@ from swakv.sampling_params import SamplingParams
 from swakv.sched.cost import CostModel
 from swakv.sched.request import FinishReason
 from swakv.sched.sizing import PoolSizes, size_pools
-from swakv.sim.executor import SimClock, SimExecutor, TokenOnlyTokenizer
+from swakv.sim.executor import SimClock, SimExecutor, TokenOnlyTokenizer, check_engine_integrity
 from swakv.sim.host import simulated_host_tier
 from swakv.sim.steptime import StepTimeModel
 from swakv.sim.trace import Trace, turn_tokens
@@ -88,11 +89,8 @@ class RequestRecord:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 1]); 0 for no values."""
-    if not values:
-        return 0.0
-    xs = sorted(values)
-    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))]
+    """`swakv.bench.report.percentile` (nearest rank) with q in [0, 1]; 0 for no values."""
+    return bench_percentile(values, q * 100) if values else 0.0
 
 
 @dataclass
@@ -132,7 +130,8 @@ class Simulator:
                  sizes: PoolSizes | None = None, integrity_every: int = 5000,
                  name: str | None = None, kv_dtype: torch.dtype | None = None) -> None:
         """`kv_dtype` (default `cfg.torch_dtype`) sizes the pools: fp8 KV halves bf16's
-        bytes per token. Without `sizes`, the pools are `size_pools` of the budget."""
+        bytes per token. Without `sizes`, the pools are `size_pools` of the budget for the
+        engine's context limit (`cfg.max_context`, else the model's)."""
         if integrity_every < 0:
             raise ValueError("integrity_every must be >= 0")
         self.spec, self.cfg, self.name = spec, cfg, name or spec.arch
@@ -140,7 +139,8 @@ class Simulator:
         if sizes is None:
             cost = CostModel(spec.window, cfg.page_size, cfg.chunk_size, cfg.decode_reserve,
                              cfg.frontier_stride)
-            sizes = size_pools(self.layout, cfg, cost, max_context=spec.max_position_embeddings)
+            sizes = size_pools(self.layout, cfg, cost,
+                               max_context=cfg.max_context or spec.max_position_embeddings)
         self.clock = SimClock()
         self.executor = SimExecutor(spec, step_time, self.clock)
         host_setting = cfg.host_kv_memory
@@ -159,13 +159,8 @@ class Simulator:
         self._output_tokens = 0
 
     def check_integrity(self) -> None:
-        """`EngineCore.check_integrity` without the KV pools (there are none)."""
-        core = self.core
-        core.allocator.check_integrity()
-        core.req_table.check_integrity()
-        core.cache.check_integrity(core.scheduler.live_kvs())
-        for req in core.scheduler.waiting:
-            assert req.kv is None, f"waiting request {req.request_id} holds KV"
+        """`check_engine_integrity` of the engine (it has no KV pools), counted."""
+        check_engine_integrity(self.core)
         self.integrity_checks += 1
 
     def run(self, trace: Trace) -> SimReport:
@@ -201,8 +196,9 @@ class Simulator:
             if self.integrity_every and self.executor.num_steps % self.integrity_every == 0:
                 self.check_integrity()
         self.check_integrity()
+        host_at_end = self.core.cache.host_usage() if self._host_tier() else None
         at_baseline = self._check_baseline()
-        return self._report(trace, time.perf_counter() - wall0, at_baseline)
+        return self._report(trace, time.perf_counter() - wall0, at_baseline, host_at_end)
 
     # ---- per request ----------------------------------------------------------------
     def _add(self, request_id: str, prompt: list[int], turn) -> bool:
@@ -237,8 +233,12 @@ class Simulator:
             return None
         return convo
 
+    def _host_tier(self) -> bool:
+        return getattr(self.core.cache, "host", None) is not None  # a HiCache
+
     def _check_baseline(self) -> bool:
-        """Nothing pinned once idle, and every page free after flushing the cache."""
+        """Nothing pinned once idle, every device page free after flushing the cache and
+        every host page free after evicting the host copies (SimulationError if not)."""
         core = self.core
         snap = core.snapshot()
         if not snap.used_by_requests.is_zero():
@@ -248,10 +248,20 @@ class Simulator:
         if core.allocator.available() != core.allocator.total():
             raise SimulationError(f"pages leaked: free {core.allocator.available()} of "
                                   f"{core.allocator.total()} after flushing the cache")
+        if self._host_tier():
+            host = core.cache.host.pool
+            core.cache.tree.evict_host(Need(host.num_full_pages, host.num_swa_pages))
+            self.check_integrity()
+            if host.available() != host.total():
+                raise SimulationError(f"host pages leaked: free {host.available()} of "
+                                      f"{host.total()} after evicting the host copies")
         return True
 
     # ---- report ---------------------------------------------------------------------
-    def _report(self, trace: Trace, wall: float, at_baseline: bool) -> SimReport:
+    def _report(self, trace: Trace, wall: float, at_baseline: bool,
+                host_at_end: tuple[Need, Need] | None) -> SimReport:
+        """`host_at_end`: (total, free) host tokens when the trace ended (before the
+        baseline check empties the host tier)."""
         core, recs = self.core, list(self.records.values())
         done = [r for r in recs if r.reason in ("length", "stop")]
         failed = [r for r in recs if r.reason == "error"]
@@ -267,8 +277,8 @@ class Simulator:
         fb, sb = self.layout.bytes_per_token(False), self.layout.bytes_per_token(True)
         sizes = core.sizes
         host = {}
-        if hasattr(core.cache, "host_counters"):
-            total, free = core.cache.host_usage()
+        if host_at_end is not None:
+            total, free = host_at_end
             copier = core.cache.host.copier
             host = {"total_tokens": _need(total), "free_tokens_at_end": _need(free),
                     **core.cache.host_counters(), **copier.counters.__dict__}

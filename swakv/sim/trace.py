@@ -30,6 +30,8 @@ import numpy as np
 
 FIRST_TRACE_TOKEN = 3  # trace tokens avoid ids 0..2 (pad, eos, bos in Gemma's vocabulary)
 DEFAULT_BLOCK_TOKENS = 512
+DEFAULT_SESSION_RATE = 0.5  # chat sessions per second
+DEFAULT_DOC_RATE = 0.05  # documents per second
 
 
 class TraceError(ValueError):
@@ -97,7 +99,7 @@ def turn_tokens(turn: Turn, vocab_size: int, seed: int = 0) -> list[int]:
 _SYSTEM, _USER, _DOC, _QUESTION, _BLOCK = 1, 2, 3, 4, 5  # segment key tags
 
 
-def chat_trace(num_requests: int, seed: int = 0, session_rate: float = 0.5,
+def chat_trace(num_requests: int, seed: int = 0, session_rate: float = DEFAULT_SESSION_RATE,
                system_lens: tuple[int, ...] = (2048, 4096, 6144, 8192),
                turns: tuple[int, int] = (2, 8), user_len: tuple[int, int] = (50, 800),
                output_len: tuple[int, int] = (64, 512), think_time: float = 5.0) -> Trace:
@@ -132,7 +134,7 @@ def chat_trace(num_requests: int, seed: int = 0, session_rate: float = 0.5,
         user_len=list(user_len), output_len=list(output_len), think_time=think_time))
 
 
-def docs_trace(num_requests: int, seed: int = 0, doc_rate: float = 0.05,
+def docs_trace(num_requests: int, seed: int = 0, doc_rate: float = DEFAULT_DOC_RATE,
                doc_len: tuple[int, int] = (8192, 131072), questions: tuple[int, int] = (1, 3),
                question_len: tuple[int, int] = (20, 200), output_len: int = 256,
                question_gap: float = 10.0) -> Trace:

@@ -59,6 +59,18 @@ def test_notes() -> None:
     assert load_plan_model("gemma-3-27b").notes == ()
 
 
+def test_gpt_oss_sinks_said_once(capsys) -> None:
+    """The attention-sink note is the only place `swakv plan` explains sinks: the
+    config's source line says where the numbers come from and nothing more."""
+    from swakv.cli import main
+
+    assert "sink" not in load_plan_model("gpt-oss-20b").source.lower()
+    assert main(["plan", "--model", "gpt-oss-20b", "--kv-memory", "60GiB"]) == 0
+    out = capsys.readouterr().out
+    assert out.lower().count("attention sink") == 1 and out.count("no KV") == 1
+    assert "note: attention sinks: one learned logit per query head (64," in out
+
+
 @pytest.mark.parametrize(("name", "cls", "n"), [
     ("gpt-oss-120b", "GptOssConfig", 36), ("gemma-2-9b", "Gemma2Config", 42)])
 def test_layer_types_agree_with_transformers(name, cls, n) -> None:

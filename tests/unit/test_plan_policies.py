@@ -25,7 +25,7 @@ from swakv.plan.policies import (
     vllm_groups,
     vllm_hybrid,
 )
-from swakv.plan.report import PlanError, make_plan, parse_bytes, parse_contexts
+from swakv.plan.report import OtherKnobs, PlanError, make_plan, parse_bytes, parse_contexts
 
 B, L = 1_000_000, 1024
 
@@ -146,6 +146,28 @@ def test_parse() -> None:
             parse_bytes(bad)
     with pytest.raises(PlanError):
         parse_contexts("8k,zero")
+    # the serve flag's size syntax (`swakv.config.parse_size`), in whole bytes
+    assert parse_bytes("2e9") == 2 * 10**9 and parse_bytes("1.5GiB") == 3 << 29
+    assert parse_bytes("60 gib") == 60 << 30
+    for bad in ("0", "0.5", "inf", "nan"):
+        with pytest.raises(PlanError):
+            parse_bytes(bad)
+
+
+def test_knobs_are_validated() -> None:
+    """Knob dataclasses refuse values no engine accepts (like the bench workloads)."""
+    for name in ("page_size", "chunk_size", "decode_reserve", "frontier_stride"):
+        with pytest.raises(PlanError, match=f"swakv {name} must be >= 1"):
+            SwakvKnobs(**{name: 0})
+    for kw in ({"vllm_block_size": 0}, {"vllm_max_batched_tokens": 0}, {"llamacpp_ubatch": -1}):
+        with pytest.raises(PlanError, match=f"{next(iter(kw))} must be >= 1"):
+            OtherKnobs(**kw)
+    for ratio in (0.0, 1.5, float("nan")):
+        with pytest.raises(PlanError, match="sglang_swa_ratio must be in"):
+            OtherKnobs(sglang_swa_ratio=ratio)
+    assert main(["plan", "--model", "gemma-3-1b", "--kv-memory", "1GiB", "--chunk-size", "0"]) == 2
+    assert main(["plan", "--model", "gemma-3-1b", "--kv-memory", "1GiB",
+                 "--sglang-swa-ratio", "2"]) == 2
 
 
 def test_plan_beyond_context_limit() -> None:
@@ -173,6 +195,10 @@ def test_plan_cli_table(capsys, model, swakv_row, no_savings_row) -> None:
     assert len(rows) == 6 and all(len(v) == 3 for v in rows.values())
     assert rows["swakv"] == swakv_row and rows["no SWA savings"] == no_savings_row
     assert "8k" in out and "--swa-fraction" in out
+    others = out.split("\nothers' pools\n")[1].splitlines()
+    assert [line.split(":")[0] for line in others] == [
+        "  SGLang static split (0.8)", "  vLLM hybrid allocator", "  llama.cpp"]
+    assert others[2] == "  llama.cpp: n_ubatch 512, cells padded to 256"
     assert main(["plan", "--model", model, "--kv-memory", "60GiB", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [p["per_context"][0]["num_requests"] for p in data["policies"]][:2] == [

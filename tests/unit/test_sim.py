@@ -197,6 +197,8 @@ def test_simulator_run_exact_counts() -> None:
     assert r.prompt_tokens == 3 * (49 + 62)
     assert r.integrity_checks == r.num_steps + 2  # every step, the end, the flushed end
     assert r.at_baseline and r.duration_s > 0 and r.ttft_s["p50"] <= r.latency_s["p50"]
+    alloc = sim.core.allocator
+    assert alloc.available() == alloc.total() and not sim.core.scheduler.running
     # second turns hit their whole first conversation's pages: page_floor(49 + 6 - 1) = 52
     # of 62 tokens; first turns after the first hit the shared system prompt (40 tokens)
     assert r.prefix_hit_ratio > 0.5
@@ -216,6 +218,13 @@ def test_simulator_host_tier_and_tight_pools() -> None:
         for i in range(12)))
     r = sim.run(trace)
     assert r.num_finished == 24 and r.at_baseline
+    # every step, the end, the flushed end, the end with the host copies evicted
+    assert r.integrity_checks == r.num_steps + 3
+    host = sim.core.cache.host.pool
+    assert host.available() == host.total() and host.available().full > 0  # host baseline
+    assert sim.core.allocator.available() == sim.core.allocator.total()
+    assert r.host["total_tokens"] == {"full": host.total().full, "swa": host.total().swa}
+    assert r.host["free_tokens_at_end"]["full"] < r.host["total_tokens"]["full"]  # held copies
     assert r.host["demoted_tokens"] > 0 and r.host["load_backs"] > 0
     assert r.host["load_full_bytes"] > 0 and r.host["backup_full_bytes"] > 0
 
@@ -232,6 +241,12 @@ def test_refused_and_clock() -> None:
 def test_percentile_and_clock() -> None:
     assert percentile([], 0.5) == 0.0
     assert percentile([3.0, 1.0, 2.0, 4.0], 0.5) == 2.0 and percentile([1.0, 2.0], 0.99) == 2.0
+    from swakv.bench.report import percentile as bench_percentile
+
+    xs = [float(x * 7 % 101) for x in range(1, 250)]
+    for q in (0.5, 0.9, 0.99):  # the simulator reports the bench's nearest rank
+        assert percentile(xs, q) == bench_percentile(xs, q * 100) == sorted(xs)[
+            -(-int(q * 100) * len(xs) // 100) - 1]
     c = SimClock()
     c.advance(0.5)
     with pytest.raises(ValueError):
@@ -255,3 +270,7 @@ def test_simulate_cli(tmp_path, capsys) -> None:
     assert main(["simulate", "--model", "gemma-3-1b", "--kv-memory", "1GiB",
                  "--step-time", "1,2", "--requests", "1"]) == 2
     assert "a,b,c" in capsys.readouterr().err
+    for trace in ("chat", "docs"):  # a zero rate is refused, not replaced by the default
+        assert main(["simulate", "--model", "gemma-3-1b", "--kv-memory", "1GiB", "--trace", trace,
+                     "--rate", "0", "--requests", "1"]) == 2
+        assert "rate > 0" in capsys.readouterr().err

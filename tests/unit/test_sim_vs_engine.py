@@ -69,6 +69,8 @@ def test_same_decisions_step_for_step(tiny_dir, full_pages, swa_pages, prefix_ca
     real_log = drive_by_steps(real, fixed_trace())
     sim_log = drive_by_steps(sim, fixed_trace())
     assert len(sim_log.steps) == len(real_log.steps)
+    # integrity held after every step of both engines (pools included for the real one)
+    assert real_log.integrity_checks == sim_log.integrity_checks == len(real_log.steps)
     for k, (a, b) in enumerate(zip(real_log.steps, sim_log.steps)):
         assert a == b, f"step {k} differs"
     finished = [f for s in real_log.steps for f in s.finished]
@@ -81,6 +83,8 @@ def test_same_decisions_step_for_step(tiny_dir, full_pages, swa_pages, prefix_ca
         assert last.prefix_hit_tokens > 0
     if full_pages <= 32:
         assert last.num_retractions > 0
+    retracted = [r for s in real_log.steps for r in s.retracted]
+    assert len(retracted) == last.num_retractions  # each retraction named once, by request
     for engine in (real, sim):
         engine.flush_cache()
         assert engine.allocator.available() == engine.allocator.total()

@@ -82,7 +82,10 @@ def test_unbounded_window_in_the_cache() -> None:
 
 def run(s: ModelSpec, **kw):
     sim = Simulator(s, cfg(**kw), StepTimeModel(0.01, 1e-4, 1e-6), integrity_every=1)
-    return sim, sim.run(trace())
+    r = sim.run(trace())
+    assert r.integrity_checks == r.num_steps + 2  # every step, the end, the flushed end
+    assert sim.core.allocator.available() == sim.core.allocator.total()  # baseline
+    return sim, r
 
 
 def test_serves_without_sliding_layers() -> None:
@@ -97,6 +100,11 @@ def test_serves_without_sliding_layers() -> None:
 
 def test_serves_without_full_layers() -> None:
     sim, r = run(spec("SSSS"))
+    # slots for 2 x 4 running requests of the model's 256-token limit, or of --max-context
+    assert sim.core.sizes.num_full_pages == 2 * 4 * 256 // PAGE
+    capped = Simulator(spec("SSSS"), cfg(max_context=128), StepTimeModel(0.01, 1e-4, 1e-6))
+    assert capped.core.sizes.num_full_pages == 2 * 4 * 128 // PAGE
+    assert capped.core.max_context == 128
     assert (r.num_finished, r.num_failed) == (8, 0) and r.at_baseline
     assert r.peak_used["full_bytes"] == 0 and r.pools["full_bytes"] == 0
     assert r.prefix_hit_ratio > 0
