@@ -378,8 +378,11 @@ class EngineCore:
 
     # ---- inspection -----------------------------------------------------------------
     def check_integrity(self) -> None:
+        """Every invariant of the KV bookkeeping; the pools' own checks where there are
+        pools (an engine run by the simulator's executor has none)."""
         self.allocator.check_integrity()
-        self.kv_pool.check_integrity()
+        if self.kv_pool is not None:
+            self.kv_pool.check_integrity()
         self.req_table.check_integrity()
         self.cache.check_integrity(self.scheduler.live_kvs())
         for req in self.scheduler.waiting:

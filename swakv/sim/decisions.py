@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from swakv.engine.executor import ExecuteResult, Executor
 from swakv.sampling_params import SamplingParams
 from swakv.sched.scheduler import ScheduledItem
-from swakv.sim.executor import check_engine_integrity
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ def drive_by_steps(core, arrivals: Mapping[int, Sequence[tuple[str, list[int], S
         for request_id, prompt, params in arrivals.get(step, ()):
             core.add_request(prompt, params, request_id=request_id)
         log.end_step(core.step())
-        check_engine_integrity(core)
+        core.check_integrity()
         log.integrity_checks += 1
         step += 1
         if step > max_steps:

@@ -53,20 +53,6 @@ class TokenOnlyTokenizer:
         return _NoText()
 
 
-def check_engine_integrity(core) -> None:
-    """`core.check_integrity()` (an `EngineCore`); an engine run by another executor has
-    no KV pools, so for it every check but the pools' (allocator, request table, cache
-    against the live requests, no KV held by a waiting request)."""
-    if core.kv_pool is not None:
-        core.check_integrity()
-        return
-    core.allocator.check_integrity()
-    core.req_table.check_integrity()
-    core.cache.check_integrity(core.scheduler.live_kvs())
-    for req in core.scheduler.waiting:
-        assert req.kv is None, f"waiting request {req.request_id} holds KV"
-
-
 class StepWork:
     """Per-model constants for `attention_work` of scheduled items."""
 

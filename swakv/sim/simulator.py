@@ -29,7 +29,7 @@ from swakv.sampling_params import SamplingParams
 from swakv.sched.cost import CostModel
 from swakv.sched.request import FinishReason
 from swakv.sched.sizing import PoolSizes, size_pools
-from swakv.sim.executor import SimClock, SimExecutor, TokenOnlyTokenizer, check_engine_integrity
+from swakv.sim.executor import SimClock, SimExecutor, TokenOnlyTokenizer
 from swakv.sim.host import simulated_host_tier
 from swakv.sim.steptime import StepTimeModel
 from swakv.sim.trace import Trace, turn_tokens
@@ -159,8 +159,8 @@ class Simulator:
         self._output_tokens = 0
 
     def check_integrity(self) -> None:
-        """`check_engine_integrity` of the engine (it has no KV pools), counted."""
-        check_engine_integrity(self.core)
+        """`EngineCore.check_integrity` of the engine (it has no KV pools), counted."""
+        self.core.check_integrity()
         self.integrity_checks += 1
 
     def run(self, trace: Trace) -> SimReport:

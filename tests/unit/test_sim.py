@@ -274,3 +274,38 @@ def test_simulate_cli(tmp_path, capsys) -> None:
         assert main(["simulate", "--model", "gemma-3-1b", "--kv-memory", "1GiB", "--trace", trace,
                      "--rate", "0", "--requests", "1"]) == 2
         assert "rate > 0" in capsys.readouterr().err
+
+
+def test_failed_step_in_a_simulated_engine_fails_only_its_requests() -> None:
+    """A step error is contained as in serving (`EngineCore._contain` runs the integrity
+    check, which must work without KV pools): that step's request fails, the next runs."""
+    from swakv.engine.core import EngineCore
+    from swakv.sampling_params import SamplingParams
+    from swakv.sched.request import FinishReason
+    from swakv.sim.executor import SimExecutor
+
+    spec = tiny_spec()
+    core = EngineCore(spec, None, TokenOnlyTokenizer(), small_cfg(),
+                      sizes=PoolSizes(64, 32, PAGE, 0, 0), executor=SimExecutor(spec, STEP))
+    real = core.executor.execute
+    calls = {"n": 0}
+
+    def flaky(items, sampling):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        return real(items, sampling)
+
+    core.executor.execute = flaky
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    bad = core.add_request(list(range(3, 20)), params)
+    outs = core.step()
+    assert [(o.request.request_id, o.request.finish_reason) for o in outs] == [
+        (bad.request_id, FinishReason.ERROR)]
+    good = core.add_request(list(range(30, 40)), params)
+    while core.has_unfinished():
+        core.step()
+        core.check_integrity()
+    assert good.finish_reason is FinishReason.LENGTH and len(good.output_ids) == 3
+    core.flush_cache()
+    assert core.allocator.available() == core.allocator.total()
