@@ -125,7 +125,10 @@ class _PoolPlan:
     dst_pages: torch.Tensor  # distinct, each in [1, num_dst_pages]
 
 
-def _plan(copy: PageCopy, num_src_pages: int, num_dst_pages: int, pool: str) -> _PoolPlan:
+def validate_copy(copy: PageCopy, num_src_pages: int, num_dst_pages: int,
+                  pool: str) -> tuple[np.ndarray, np.ndarray]:
+    """(src, dst) page ids of `copy` as numpy, after the checks every copier makes:
+    equal lengths, ids in `[1, num_*_pages]` of their pool, destinations distinct."""
     src, dst = copy.src_pages.numpy(), copy.dst_pages.numpy()
     if src.size != dst.size:
         raise InvalidCopy(f"{pool}: {src.size} source pages but {dst.size} destination pages")
@@ -134,6 +137,21 @@ def _plan(copy: PageCopy, num_src_pages: int, num_dst_pages: int, pool: str) -> 
             raise InvalidCopy(f"{pool}: {name} page ids must lie in [1, {hi}]: {pages[:8].tolist()}")
     if np.unique(dst).size != dst.size:
         raise InvalidCopy(f"{pool}: destination pages repeated: {dst[:8].tolist()}")
+    return src, dst
+
+
+def count_copy(counters: CopyCounters, batch: CopyBatch, page_size: int,
+               slot_bytes: dict[str, int]) -> None:
+    """Add `batch`'s bytes per pool (`slot_bytes[pool]` bytes per token) and one batch."""
+    d = batch.direction.value
+    for pool, copy in (("full", batch.full), ("swa", batch.swa)):
+        n = copy.num_pages * page_size * slot_bytes[pool]
+        setattr(counters, f"{d}_{pool}_bytes", getattr(counters, f"{d}_{pool}_bytes") + n)
+    setattr(counters, f"num_{d}_batches", getattr(counters, f"num_{d}_batches") + 1)
+
+
+def _plan(copy: PageCopy, num_src_pages: int, num_dst_pages: int, pool: str) -> _PoolPlan:
+    src, dst = validate_copy(copy, num_src_pages, num_dst_pages, pool)
     return _PoolPlan(merge_runs(src, dst), copy.src_pages, copy.dst_pages)
 
 
@@ -294,11 +312,7 @@ class CopyEngine:
         return steps
 
     def _count(self, batch: CopyBatch) -> None:
-        c, d = self.counters, batch.direction.value
-        for pool, copy in (("full", batch.full), ("swa", batch.swa)):
-            n = copy.num_pages * self.page_size * self._slot_bytes[pool]
-            setattr(c, f"{d}_{pool}_bytes", getattr(c, f"{d}_{pool}_bytes") + n)
-        setattr(c, f"num_{d}_batches", getattr(c, f"num_{d}_batches") + 1)
+        count_copy(self.counters, batch, self.page_size, self._slot_bytes)
 
     def _advance(self) -> None:
         """Finish in-flight batches whose device work is complete, oldest first (one stream,

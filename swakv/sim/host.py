@@ -9,12 +9,17 @@ eviction, load-back) runs unchanged over a simulated engine.
 
 from __future__ import annotations
 
-import numpy as np
-
 from swakv.cache.hicache import HiCache
 from swakv.cache.tree_host import HostTier
 from swakv.config import KVLayout
-from swakv.memory.copy_engine import CopyBatch, CopyCounters, CopyDirection, InvalidCopy, PageCopy
+from swakv.memory.copy_engine import (
+    CopyBatch,
+    CopyCounters,
+    CopyDirection,
+    InvalidCopy,
+    count_copy,
+    validate_copy,
+)
 from swakv.memory.host_pool import HostKVPool, HostPoolSizes, host_pool_sizes
 
 
@@ -79,12 +84,9 @@ class CountingCopier:
         backup = batch.direction is CopyDirection.BACKUP
         for pool, copy in (("full", batch.full), ("swa", batch.swa)):
             num_device, num_host = self._num_pages[pool]
-            _validate(copy, *((num_device, num_host) if backup else (num_host, num_device)), pool)
-        c, d = self.counters, batch.direction.value
-        for pool, copy in (("full", batch.full), ("swa", batch.swa)):
-            n = copy.num_pages * self.page_size * self._slot_bytes[pool]
-            setattr(c, f"{d}_{pool}_bytes", getattr(c, f"{d}_{pool}_bytes") + n)
-        setattr(c, f"num_{d}_batches", getattr(c, f"num_{d}_batches") + 1)
+            validate_copy(copy, *((num_device, num_host) if backup else (num_host, num_device)),
+                          pool)
+        count_copy(self.counters, batch, self.page_size, self._slot_bytes)
         return _Done(batch.direction)
 
     def num_in_flight(self) -> int:
@@ -92,17 +94,6 @@ class CountingCopier:
 
     def wait_all(self) -> None:
         return None
-
-
-def _validate(copy: PageCopy, num_src: int, num_dst: int, pool: str) -> None:
-    src, dst = copy.src_pages.numpy(), copy.dst_pages.numpy()
-    if src.size != dst.size:
-        raise InvalidCopy(f"{pool}: {src.size} source pages but {dst.size} destination pages")
-    for name, pages, hi in (("source", src, num_src), ("destination", dst, num_dst)):
-        if pages.size and (int(pages.min()) < 1 or int(pages.max()) > hi):
-            raise InvalidCopy(f"{pool}: {name} page ids must lie in [1, {hi}]")
-    if np.unique(dst).size != dst.size:
-        raise InvalidCopy(f"{pool}: destination pages repeated")
 
 
 def simulated_host_tier(core, host_kv_memory: str, backup_threshold: int,
