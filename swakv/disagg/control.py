@@ -235,8 +235,7 @@ class ControlPlane:
         frame = encode(Heartbeat(self.worker_id, seq, time.time()))
         for name, peer in list(self._peers.items()):
             if now - peer.last_seen > self.peer_timeout:
-                self._close_peer(poller, name)
-                self._peers.pop(name, None)
+                self._close_peer(poller, name)  # forgets it (either side)
                 self.events.put(PeerLost(name, f"silent for {self.peer_timeout:g} s"))
             else:
                 self._send(name, frame)
