@@ -32,8 +32,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from swakv.disagg.config import PDConfig
-from swakv.disagg.control import ControlPlane
+from swakv.disagg.config import PREFILL_HEADER, PDConfig
+from swakv.disagg.control import ControlPlane, is_control_address
 from swakv.disagg.descriptors import LayoutMismatch
 from swakv.disagg.kv_transfer import KVReceiver, StagingArea
 from swakv.disagg.messages import Abort, Bootstrap, KVWritten, Prealloc, Role
@@ -105,7 +105,11 @@ class DecodeEngine(PDEngineBase):
         if params.logprobs is not None:
             raise InvalidRequest("logprobs are not available through PD serving yet",
                                  "logprobs")
-        peer = getattr(prompt_ids, "prefill_address", None) or self._any_ready_peer()
+        hint = getattr(prompt_ids, "prefill_address", None)
+        if hint is not None and not is_control_address(hint):
+            raise InvalidRequest(f"{PREFILL_HEADER} must be tcp://HOST:PORT, got {hint!r}",
+                                 PREFILL_HEADER)
+        peer = hint or self._any_ready_peer()
         req = self.core.register_request(prompt_ids, params, request_id)
         self.prealloc.queue.append(Pending(req, peer=peer))
         if peer is not None:

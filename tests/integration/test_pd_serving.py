@@ -20,7 +20,7 @@ import pytest
 
 from swakv.config import KVLayout
 from swakv.memory.pages import page_floor, swa_tail_len
-from swakv.server.testing import ServerProcess, pool, scrape
+from swakv.server.testing import ServerProcess, free_port, pool, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -256,6 +256,25 @@ def test_bad_requests_and_logprobs_leave_the_workers_serving(cluster, reference)
     with pytest.raises(openai.BadRequestError) as e:  # refused through PD (README: Limits)
         api.completions.create(model=MODEL, prompt="hi", max_tokens=2, logprobs=2)
     assert "logprobs" in e.value.message
+    wait_idle(cluster)
+    assert_still_serving(cluster, reference)
+    wait_idle(cluster)
+
+
+def test_a_bad_prefill_header_sent_straight_to_a_decode_worker(cluster, reference):
+    """A malformed X-Swakv-Prefill is a 400; an address nobody answers at fails after
+    the peer timeout (5 s) with a 503; the decode worker's control plane survives both."""
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    url = cluster["decode"].url + "/v1/completions"
+    r = httpx.post(url, json=body, headers={"X-Swakv-Prefill": "not an address"}, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == "x-swakv-prefill"
+    t0 = time.monotonic()
+    r = httpx.post(url, json=body, headers={"X-Swakv-Prefill": f"tcp://127.0.0.1:{free_port()}"},
+                   timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable", r.text
+    assert 4 < time.monotonic() - t0 < 15
     wait_idle(cluster)
     assert_still_serving(cluster, reference)
     wait_idle(cluster)
