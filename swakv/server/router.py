@@ -222,7 +222,9 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
             return Response(status_code=499)
         forwarded.labels(decode.url, str(resp.status_code)).inc()
         if resp.status_code == 503:  # a worker (or its prefill peer) is gone: re-check now
-            asyncio.ensure_future(pool.check_all(client))
+            recheck = state.get("recheck")
+            if recheck is None or recheck.done():  # one at a time, however many 503s
+                state["recheck"] = asyncio.ensure_future(pool.check_all(client))
 
         async def relay():
             try:
