@@ -252,6 +252,7 @@ def main() -> None:
     conn, child_conn = ctx.Pipe()
     proc = ctx.Process(target=receiver_main, args=(child_conn, args.threads))
     proc.start()
+    sender = None
     try:
         sender = Sender(conn)
         modes = (TransferMode.DESCRIPTORS, TransferMode.STAGING)
@@ -264,10 +265,12 @@ def main() -> None:
         conn.send(None)
         proc.join(30)
         stats = sender.backend.stats()
-        sender.backend.close()
     finally:
+        if sender is not None:
+            sender.backend.close()
         if proc.is_alive():
             proc.kill()
+            proc.join(10)
 
     print(f"loopback TCP, Mooncake, page {PAGE}, W {WINDOW}, bf16, reps {args.reps}, "
           f"torch threads {args.threads}, staging chunk {STAGING_CHUNK_BYTES >> 20} MiB")

@@ -36,6 +36,13 @@ from swakv.disagg.messages import Heartbeat, Message, MessageError, decode, enco
 log = logging.getLogger("swakv.disagg")
 
 
+def is_control_address(address: str) -> bool:
+    """`tcp://HOST:PORT` with a port in [1, 65535]: what a listening plane advertises."""
+    host, sep, port = address.removeprefix("tcp://").rpartition(":")
+    return (address.startswith("tcp://") and bool(sep and host) and port.isdigit()
+            and 1 <= int(port) <= 65535)
+
+
 @dataclass(frozen=True)
 class Received:
     peer: str
@@ -93,7 +100,8 @@ class ControlPlane:
         self._command(("send", peer, encode(msg)))
 
     def connect(self, address: str) -> None:
-        """Open a DEALER to a listening worker (no-op if it is already connected)."""
+        """Open a DEALER to a listening worker (no-op if it is already connected); an
+        address zmq refuses is reported as PeerLost."""
         self._command(("connect", address))
 
     def forget(self, peer: str) -> None:
@@ -188,7 +196,14 @@ class ControlPlane:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        sock.connect(address)
+        try:
+            sock.connect(address)
+        except zmq.ZMQError as e:  # a malformed address: that peer is lost, not the plane
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close(0)
+            self.events.put(PeerLost(address, f"cannot connect: {e}"))
+            return
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         self._peers[address] = _Peer(time.monotonic(), dealer=sock, monitor=monitor)
@@ -235,8 +250,7 @@ class ControlPlane:
         frame = encode(Heartbeat(self.worker_id, seq, time.time()))
         for name, peer in list(self._peers.items()):
             if now - peer.last_seen > self.peer_timeout:
-                self._close_peer(poller, name)
-                self._peers.pop(name, None)
+                self._close_peer(poller, name)  # forgets it (either side)
                 self.events.put(PeerLost(name, f"silent for {self.peer_timeout:g} s"))
             else:
                 self._send(name, frame)

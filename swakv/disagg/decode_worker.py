@@ -32,8 +32,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from swakv.disagg.config import PDConfig
-from swakv.disagg.control import ControlPlane
+from swakv.disagg.config import PREFILL_HEADER, PDConfig
+from swakv.disagg.control import ControlPlane, is_control_address
 from swakv.disagg.descriptors import LayoutMismatch
 from swakv.disagg.kv_transfer import KVReceiver, StagingArea
 from swakv.disagg.messages import Abort, Bootstrap, KVWritten, Prealloc, Role
@@ -105,7 +105,11 @@ class DecodeEngine(PDEngineBase):
         if params.logprobs is not None:
             raise InvalidRequest("logprobs are not available through PD serving yet",
                                  "logprobs")
-        peer = getattr(prompt_ids, "prefill_address", None) or self._any_ready_peer()
+        hint = getattr(prompt_ids, "prefill_address", None)
+        if hint is not None and not is_control_address(hint):
+            raise InvalidRequest(f"{PREFILL_HEADER} must be tcp://HOST:PORT, got {hint!r}",
+                                 PREFILL_HEADER)
+        peer = hint or self._any_ready_peer()
         req = self.core.register_request(prompt_ids, params, request_id)
         self.prealloc.queue.append(Pending(req, peer=peer))
         if peer is not None:
@@ -122,6 +126,10 @@ class DecodeEngine(PDEngineBase):
                 self.prealloc.queue.remove(item)
                 break
         return self.core.abort(request_id)
+
+    def _ready(self, address: str) -> bool:
+        peer = self.peers.get(address)
+        return peer is not None and peer.ready
 
     def _any_ready_peer(self) -> str | None:
         ready = [a for a, p in self.peers.items() if p.ready]
@@ -231,7 +239,7 @@ class DecodeEngine(PDEngineBase):
                 self._finish_failed(item.req, "no prefill worker is known: send requests "
                                     "through `swakv router`", True, outputs, None)
                 continue
-            if not item.is_restore and not self.peers.get(item.peer, _PrefillPeer()).ready:
+            if not item.is_restore and not self._ready(item.peer):
                 continue  # its handshake is under way (or it failed: PeerLost settles it)
             try:
                 kv = self.prealloc.try_admit(item)
@@ -264,9 +272,13 @@ class DecodeEngine(PDEngineBase):
             tuple(full.tolist()), tuple(swa.tolist()), offset, req.params))
 
     def _expire(self, outputs: list[StepOutput]) -> None:
-        now = time.monotonic()
-        for inf in list(self.inflight.values()):
-            if not inf.abandoned and now - inf.sent_at > self.cfg.pd_kv_timeout:
+        # `inflight` is in send order, so in `sent_at` order (monotonic clock): stop at
+        # the first request still within its timeout. Nothing here removes entries.
+        deadline = time.monotonic() - self.cfg.pd_kv_timeout
+        for inf in self.inflight.values():
+            if inf.sent_at >= deadline:
+                return
+            if not inf.abandoned:
                 message = (f"no KV from prefill worker {inf.peer} after "
                            f"{self.cfg.pd_kv_timeout:g} s")
                 self._abandon(inf, message)

@@ -169,7 +169,7 @@ class PrefillEngine(PDEngineBase):
 
     def _on_local(self, event, outputs: list[StepOutput]) -> None:
         if not isinstance(event, TransferDone):
-            raise TypeError(f"unexpected event {event!r}")
+            super()._on_local(event, outputs)
         job = self.jobs.get(event.request_id)
         if job is None or job.handle is None:
             return

@@ -11,6 +11,7 @@ commands are picked up within that time, control messages at once.
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import queue
@@ -40,6 +41,11 @@ class UnavailableOutput(StepOutput):
     (`engine_unavailable`), not 500."""
 
 
+class UnexpectedEvent(TypeError):
+    """An object on a PD engine's event queue that no hook of the engine handles: a
+    programming error (the engine thread logs it and goes on)."""
+
+
 def new_worker_id(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
@@ -50,8 +56,9 @@ def make_staging(cfg: PDConfig, core: EngineCore) -> StagingArea | None:
     return StagingArea(int(cfg.pd_staging_memory), core.kv_pool.device)
 
 
-class PDEngineBase:
-    """EngineCore facade for AsyncEngine plus the control-plane plumbing."""
+class PDEngineBase(abc.ABC):
+    """EngineCore facade for AsyncEngine plus the control-plane plumbing; the roles
+    implement the abstract hooks below."""
 
     role: Role
 
@@ -144,24 +151,29 @@ class PDEngineBase:
     def _busy(self) -> bool:
         return self.core.has_unfinished()
 
-    # role hooks
+    # ---- role hooks (engine thread) ---------------------------------------------------
+    @abc.abstractmethod
     def _on_message(self, peer: str, msg: Any, outputs: list[StepOutput]) -> None:
-        raise NotImplementedError
+        """A control message (not a Heartbeat) from `peer`."""
 
+    @abc.abstractmethod
     def _on_peer_lost(self, peer: str, reason: str, outputs: list[StepOutput]) -> None:
-        raise NotImplementedError
+        """`peer` is gone (connection closed, silent, or it refused us): settle its requests."""
 
     def _on_local(self, event: Any, outputs: list[StepOutput]) -> None:
-        raise NotImplementedError(f"unexpected event {event!r}")
+        """An event this process posted to `events` itself (a role that posts any overrides
+        this); anything reaching here was posted by mistake."""
+        raise UnexpectedEvent(f"{type(self).__name__} has no handler for {event!r}")
 
-    def _before_step(self, outputs: list[StepOutput]) -> None:
-        pass
+    def _before_step(self, outputs: list[StepOutput]) -> None:  # noqa: B027 (optional hook)
+        """Work before each engine step (the decode role preallocates here)."""
 
     def _after_step(self, outputs: list[StepOutput]) -> list[StepOutput]:
         return outputs
 
+    @abc.abstractmethod
     def _stats(self) -> PDStats:
-        raise NotImplementedError
+        """The role's PD counters and gauges now (peak_inflight is filled in here)."""
 
     # ---- shared helpers ----------------------------------------------------------------
     def bootstrap(self, peer_info: str) -> Bootstrap:

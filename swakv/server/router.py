@@ -117,6 +117,32 @@ def _error(status: int, message: str, code: str, type_: str = "server_error") ->
                         status_code=status)
 
 
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        if (await request.receive())["type"] == "http.disconnect":
+            return
+
+
+async def send_unless_gone(request: Request, client: httpx.AsyncClient,
+                           upstream: httpx.Request) -> httpx.Response | None:
+    """Send `upstream` and return its response once its headers arrive, or None if the
+    client disconnects first: the upstream request is then cancelled, which closes its
+    connection, so the decode worker aborts the request (a non-streamed answer sends
+    no headers before it is complete). Connection errors propagate."""
+    sending = asyncio.ensure_future(client.send(upstream, stream=True))
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({sending, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not sending.done():
+            sending.cancel()
+    if not sending.done() or sending.cancelled():
+        await asyncio.gather(sending, return_exceptions=True)  # the connection is closed
+        return None
+    return sending.result()
+
+
 def create_router_app(cfg: RouterConfig) -> FastAPI:
     pool = WorkerPool(cfg)
     registry = CollectorRegistry(auto_describe=False)
@@ -184,7 +210,7 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
             upstream = client.build_request(method, decode.url + path, content=body,
                                             headers=headers)
             try:
-                resp = await client.send(upstream, stream=True)
+                resp = await send_unless_gone(request, client, upstream)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # nothing was sent
                 pool.mark_dead(decode, f"connect failed: {e}")
                 tried += 1
@@ -192,9 +218,13 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
                     continue
                 return _error(503, "no decode worker reachable", "no_workers")
             break
+        if resp is None:  # the client left before the answer began; nobody reads this
+            return Response(status_code=499)
         forwarded.labels(decode.url, str(resp.status_code)).inc()
         if resp.status_code == 503:  # a worker (or its prefill peer) is gone: re-check now
-            asyncio.ensure_future(pool.check_all(client))
+            recheck = state.get("recheck")
+            if recheck is None or recheck.done():  # one at a time, however many 503s
+                state["recheck"] = asyncio.ensure_future(pool.check_all(client))
 
         async def relay():
             try:

@@ -236,6 +236,7 @@ def test_client_abort_while_kv_in_flight(tiny_dir, pair_factory):
     step_until(pair, lambda: not d.inflight and not pair.prefill.jobs)
     assert d.core.requests["gone"].finish_reason.value == "abort" if "gone" in \
         d.core.requests else True
+    assert "gone" not in d.core.requests  # settled: aborted and released once the KV landed
     assert flushed_at_baseline(d.core) and flushed_at_baseline(pair.prefill.core)
 
 

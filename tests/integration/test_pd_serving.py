@@ -14,6 +14,8 @@ import string
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -34,13 +36,16 @@ DECODE = ["--role", "decode", "--kv-memory", "16MiB"]
 ENV = {"MC_LOG_LEVEL": "ERROR"}
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def make_tiny_dir(path) -> str:
     from swakv.model.testing import make_tiny_gemma3_dir
 
-    path = tmp_path_factory.mktemp("tiny-pd-serving")
     make_tiny_gemma3_dir(path, num_layers=4, window=WINDOW, vocab=128, seed=5)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_dir(tmp_path_factory.mktemp("tiny-pd-serving"))
 
 
 def start_worker(tiny_dir: str, role_args: list[str], extra=()) -> ServerProcess:
@@ -55,8 +60,9 @@ def start_router(prefill: list[str], decode: list[str]) -> ServerProcess:
     return ServerProcess.start(["--decode", *decode], command=cmd, env=ENV)
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_dir):
+@contextmanager
+def running_cluster(tiny_dir: str) -> Iterator[dict[str, ServerProcess]]:
+    """A prefill worker, a decode worker and a router; every process is stopped on exit."""
     procs = []
     try:
         procs.append(start_worker(tiny_dir, PREFILL))
@@ -69,12 +75,22 @@ def cluster(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_dir):
+def cluster(tiny_dir):
+    with running_cluster(tiny_dir) as procs:
+        yield procs
+
+
+def reference_llm(tiny_dir: str):
     """The single-process engine, same settings (what every PD output must equal)."""
     from swakv.engine.llm import LLM
 
     return LLM(tiny_dir, page_size=PAGE, chunk_size=64, kv_memory=64 << 20, frontier_stride=4,
                decode_reserve=16, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    return reference_llm(tiny_dir)
 
 
 def client(url: str):
@@ -231,6 +247,7 @@ def test_killed_prefill_worker_fails_fast_and_a_new_one_takes_over(cluster, refe
     after = scrape(decode.url)
     for p in ("full", "swa"):
         assert pool(after, p, "free") == pool(baseline, p, "free")
+        assert pool(after, p, "requests") == 0  # no request of the dead peer holds pages
     assert after['swakv_pd_inflight_requests{role="decode"}'] == 0
     assert after['swakv_pd_prealloc_queue_length{role="decode"}'] == 0
     deadline = time.monotonic() + 10

@@ -9,7 +9,7 @@ import time
 import pytest
 import zmq
 
-from swakv.disagg.control import ControlPlane, PeerLost, Received
+from swakv.disagg.control import ControlPlane, PeerLost, Received, is_control_address
 from swakv.disagg.messages import Abort
 
 
@@ -108,3 +108,26 @@ def test_forgotten_peers_are_not_reported(planes):
 def test_timing_must_make_sense():
     with pytest.raises(ValueError):
         ControlPlane("x", heartbeat_interval=1.0, peer_timeout=1.0)
+
+
+@pytest.mark.parametrize("address,ok", [
+    ("tcp://127.0.0.1:5555", True), ("tcp://prefill-0.local:1", True), ("tcp://[::1]:80", True),
+    ("garbage", False), ("tcp://nohost", False), ("tcp://:5555", False),
+    ("tcp://h:0", False), ("tcp://h:65536", False), ("tcp://h:-1", False), ("ipc://x:1", False),
+])
+def test_control_addresses(address, ok):
+    assert is_control_address(address) is ok
+
+
+def test_an_address_zmq_refuses_is_a_lost_peer_and_the_plane_goes_on(planes):
+    server = planes("prefill-g", listen="tcp://127.0.0.1:0", heartbeat_interval=0.05,
+                    peer_timeout=5)
+    client = planes("decode-g", heartbeat_interval=0.05, peer_timeout=5)
+    client.connect("not an address")
+    assert next_event(client) == PeerLost(
+        "not an address", "cannot connect: Invalid argument (addr='not an address')")
+    client.connect(server.address)  # the control thread still runs
+    client.send(server.address, Abort("after", "x"))
+    assert next_event(server) == Received("decode-g", Abort("after", "x"))
+    server.send("decode-g", Abort("back", "y"))
+    assert next_event(client) == Received(server.address, Abort("back", "y"))
