@@ -37,15 +37,12 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    proc = ServerProcess.start([
-        "--model", str(tiny_dir), "--served-model-name", "tiny", "--page-size", "4",
-        "--kv-memory", "8MiB", "--max-context", str(MAX_CONTEXT), "--max-n", str(MAX_N),
-        "--max-request-bytes", str(8 << 20), "--num-threads", "1", "--chunk-size", "64",
-        "--max-running-requests", "32"])
-    try:
+    with ServerProcess.start([
+            "--model", str(tiny_dir), "--served-model-name", "tiny", "--page-size", "4",
+            "--kv-memory", "8MiB", "--max-context", str(MAX_CONTEXT), "--max-n", str(MAX_N),
+            "--max-request-bytes", str(8 << 20), "--num-threads", "1", "--chunk-size", "64",
+            "--max-running-requests", "32"]) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
