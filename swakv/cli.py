@@ -1,4 +1,4 @@
-"""`swakv serve | router | generate | bench serve | settings`.
+"""`swakv serve | router | generate | bench serve | settings | plan | simulate`.
 
 Flags come from the frozen config dataclasses (ServerConfig, EngineConfig): one
 flag per field, named after it (`kv_memory` -> `--kv-memory`), plus the aliases

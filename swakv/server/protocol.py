@@ -42,10 +42,32 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_val
     return ApiError(400, message, param=param, code=code)
 
 
+def _is_union_tag(part: Any) -> bool:
+    """Pydantic names the member of a union (`str | list[int]`) a value failed as a
+    location part: "str", "list[int]", "list[dict[str,any]]"; no field is so named."""
+    return isinstance(part, str) and (part in _SCALAR_TAGS or "[" in part)
+
+
+_SCALAR_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})
+
+
 def from_validation_error(err: ValidationError) -> ApiError:
-    first = err.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
-    return bad_request(f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
+    """A 400 for the first error. A value that fits no member of a union field gets the
+    field as `param` and the members' names, not the first member's complaint
+    (`prompt: [1.5]` is "must be one of str, list[str], list[int], list[list[int]]",
+    not "prompt.str: Input should be a valid string")."""
+    errors = err.errors()
+    loc = list(errors[0].get("loc", ()))
+    cut = next((i for i, part in enumerate(loc) if _is_union_tag(part)), None)
+    if cut is not None:
+        param = ".".join(str(p) for p in loc[:cut])
+        tags = list(dict.fromkeys(
+            str(e["loc"][cut]) for e in errors
+            if list(e.get("loc", ()))[:cut] == loc[:cut] and len(e["loc"]) > cut))
+        return bad_request(f"{param}: must be one of {', '.join(tags)}", param or None)
+    param = ".".join(str(p) for p in loc) or None
+    return bad_request(f"{param}: {errors[0].get('msg')}" if param else str(errors[0].get("msg")),
+                       param)
 
 
 STRICT = ConfigDict(extra="ignore", strict=True)

@@ -294,6 +294,11 @@ def _add(choice: _Choice, d: Delta) -> None:
     choice.token_ids += d.token_ids
     if d.logprobs:
         choice.logprobs += d.logprobs
+    _record_finish(choice, d)
+
+
+def _record_finish(choice: _Choice, d: Delta) -> None:
+    """Keep the last delta's finish reason and token counts (all that usage needs)."""
     if d.finish_reason is not None:
         choice.finish_reason = d.finish_reason
         choice.prompt_tokens, choice.completion_tokens, choice.cached_tokens = (
@@ -311,7 +316,9 @@ async def _stream(group: RequestGroup, fmt: _Format, choices: list[_Choice], n: 
         prompt_pending.clear()
     try:
         async for d in group.events():
-            _add(choices[d.index], d)
+            # a stream sends each delta as it comes: only usage needs keeping, not the
+            # text, ids and logprobs of a possibly long completion
+            _record_finish(choices[d.index], d)
             if (d.text or d.finish_reason is not None or d.logprobs
                     or (fmt.token_ids and d.token_ids)):
                 lp = logprobs_fn(d.logprobs, d.index) if logprobs_fn and d.logprobs else None
@@ -320,7 +327,7 @@ async def _stream(group: RequestGroup, fmt: _Format, choices: list[_Choice], n: 
                     prompt_pending.discard(d.index)
                     prompt_ids = choices[d.index].prompt_token_ids
                 yield _sse(fmt.chunk(d.index, d.text, d.finish_reason, lp,
-                                     token_ids=list(d.token_ids), prompt_token_ids=prompt_ids))
+                                     token_ids=d.token_ids, prompt_token_ids=prompt_ids))
     except Exception as e:  # the stream has started: the error goes in an event
         yield _sse(engine_error(e, "messages" if fmt.chat else "prompt").body())
         yield "data: [DONE]\n\n"

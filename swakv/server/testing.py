@@ -3,6 +3,8 @@
     with ServerProcess.start(["--model", str(tiny_dir)]) as server:
         httpx.get(server.url + "/health")
 
+(a pytest fixture: `with ServerProcess.start(ARGS) as proc: yield proc`.)
+
 The process is always killed on exit (SIGKILL after a grace period), whatever the
 test did. Only 127.0.0.1 is ever bound.
 """
@@ -79,6 +81,15 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+def openai_client(server: ServerProcess, api_key: str = "unused", timeout: float = 60.0):
+    """An `openai.OpenAI` client for `server`'s /v1 API that never retries (tests see
+    every failure as it happens)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0,
+                         timeout=timeout)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Callable[[], str]) -> None:

@@ -24,12 +24,9 @@ def server(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tiny-bench")
     make_tiny_gemma3_dir(path, num_layers=3, window=8, vocab=128, seed=6)
-    proc = ServerProcess.start([str(path), "--page-size", str(PAGE), "--kv-memory", "16MiB",
-                                "--num-threads", "1"])
-    try:
+    with ServerProcess.start([str(path), "--page-size", str(PAGE), "--kv-memory", "16MiB",
+                              "--num-threads", "1"]) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 def test_bench_serve_writes_json_and_png(server, tmp_path, capsys):

@@ -37,15 +37,12 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    proc = ServerProcess.start([
-        "--model", str(tiny_dir), "--served-model-name", "tiny", "--page-size", "4",
-        "--kv-memory", "8MiB", "--max-context", str(MAX_CONTEXT), "--max-n", str(MAX_N),
-        "--max-request-bytes", str(8 << 20), "--num-threads", "1", "--chunk-size", "64",
-        "--max-running-requests", "32"])
-    try:
+    with ServerProcess.start([
+            "--model", str(tiny_dir), "--served-model-name", "tiny", "--page-size", "4",
+            "--kv-memory", "8MiB", "--max-context", str(MAX_CONTEXT), "--max-n", str(MAX_N),
+            "--max-request-bytes", str(8 << 20), "--num-threads", "1", "--chunk-size", "64",
+            "--max-running-requests", "32"]) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +74,73 @@ def wait_idle(url: str, timeout: float = 10.0) -> dict:
 
 
 def assert_healthy_and_idle(url: str) -> None:
+    """/health is 200, no KV is pinned by requests, and the engine still generates."""
     assert httpx.get(url + "/health", timeout=5).status_code == 200
     wait_idle(url)
+    ok = httpx.post(url + TEXT, timeout=30, json={"model": "tiny", "prompt": [5, 6, 7],
+                                                  "max_tokens": 3, "ignore_eos": True})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["usage"]["completion_tokens"] == 3
+    wait_idle(url)
+
+
+# ------------------------------------------------------- wrong types, out-of-range ids
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("prompt, message", [
+    ([VOCAB], "out of range"), ([[1, 2], [3, VOCAB]], "out of range"),
+    ([-1], "out of range"), ([2**63], "out of range"), ([2**64], "out of range"),
+    ([-(2**63) - 1], "out of range"),
+    ([1.5], "must be one of"), ([True], "must be one of"), ([1, "2"], "must be one of"),
+    ([[1], "x"], "must be one of"), ([None], "must be one of"), (5, "must be one of"),
+    ({"a": 1}, "must be one of"), ([[1], []], "at least one token")])
+def test_bad_prompt_token_ids_are_400_on_prompt_and_engine_serves(http, server, prompt,
+                                                                   message, stream):
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 2, "stream": stream}
+    err = assert_openai_error(http.post(TEXT, json=body), 400, "prompt")
+    assert message in err["message"]
+    assert_healthy_and_idle(server.url)
+
+
+@pytest.mark.parametrize("messages, param", [
+    ("hi", "messages"), ([{"role": "user", "content": 5}], "messages.0.content"),
+    ([["user", "hi"]], "messages.0"), ([{"role": 3, "content": "hi"}], "messages.0.role")])
+def test_wrong_message_types_are_400_and_engine_serves(http, server, messages, param):
+    body = {"model": "tiny", "messages": messages, "max_tokens": 2}
+    assert_openai_error(http.post(CHAT, json=body), 400, param)
+    assert_healthy_and_idle(server.url)
+
+
+# ------------------------------------------------------------------- early disconnects
+def raw_post(url: str, path: str, body: bytes, send_bytes: int | None = None) -> None:
+    """POST `body` over a raw socket, sending only its first `send_bytes` bytes (all by
+    default), then close without reading the answer."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {parts.hostname}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as sock:
+        sock.sendall(head.encode() + body[: len(body) if send_bytes is None else send_bytes])
+
+
+@pytest.mark.parametrize("path", [CHAT, TEXT])
+@pytest.mark.parametrize("stream", [False, True])
+def test_early_disconnects_leave_no_request_behind(server, path, stream):
+    prompt = {"messages": [{"role": "user", "content": "go"}]} if path == CHAT else {
+        "prompt": [5, 6, 7]}
+    body = json.dumps({"model": "tiny", "max_tokens": MAX_CONTEXT - 30, "ignore_eos": True,
+                       "stream": stream, **prompt}).encode()
+    aborted = scrape(server.url)["swakv_requests_aborted_total"]
+    raw_post(server.url, path, body, send_bytes=len(body) // 2)  # body cut short
+    raw_post(server.url, path, b"", send_bytes=0)  # headers only, then gone
+    for _ in range(3):  # whole request, gone before any answer: the engine aborts it
+        raw_post(server.url, path, body)
+    deadline = time.monotonic() + 10
+    while scrape(server.url)["swakv_requests_aborted_total"] < aborted + 3:
+        assert time.monotonic() < deadline, "disconnected requests were not aborted"
+        time.sleep(0.05)
+    assert_healthy_and_idle(server.url)
 
 
 # ---------------------------------------------------------------------------- finding 1

@@ -22,14 +22,11 @@ def server(tmp_path_factory):
 
     path = make_tiny_gemma3_dir(tmp_path_factory.mktemp("tiny-errors"), num_layers=3,
                                 window=8, vocab=128)
-    proc = ServerProcess.start([
-        "--model", str(path), "--served-model-name", "tiny", "--api-key", KEY,
-        "--page-size", "4", "--kv-memory", "4MiB", "--max-context", str(MAX_CONTEXT),
-        "--max-request-bytes", str(MAX_BYTES), "--max-n", "4", "--num-threads", "1"])
-    try:
+    with ServerProcess.start([
+            "--model", str(path), "--served-model-name", "tiny", "--api-key", KEY,
+            "--page-size", "4", "--kv-memory", "4MiB", "--max-context", str(MAX_CONTEXT),
+            "--max-request-bytes", str(MAX_BYTES), "--max-n", "4", "--num-threads", "1"]) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -27,11 +27,8 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    proc = ServerProcess.start(["--model", str(tiny_dir), *ARGS, "--chunk-size", "64"])
-    try:
+    with ServerProcess.start(["--model", str(tiny_dir), *ARGS, "--chunk-size", "64"]) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 def stream_request(max_tokens: int, prompt: str = "Stream for a while") -> dict:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import threading
 
-import openai
 import pytest
 
-from swakv.server.testing import ServerProcess
+from swakv.server.testing import ServerProcess, openai_client
 
 PAGE = 4
 SERVE_ARGS = ["--page-size", str(PAGE), "--kv-memory", "16MiB", "--chunk-size", "64",
@@ -28,18 +27,14 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    proc = ServerProcess.start(["--model", str(tiny_dir), "--served-model-name", "tiny",
-                                *SERVE_ARGS])
-    try:
+    with ServerProcess.start(["--model", str(tiny_dir), "--served-model-name", "tiny",
+                                    *SERVE_ARGS]) as proc:
         yield proc
-    finally:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
-                         timeout=60)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,9 @@ fallback, so decoding the returned ids must give exactly the returned text."""
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 
-from swakv.server.testing import ServerProcess
+from swakv.server.testing import ServerProcess, openai_client
 
 SERVE_ARGS = ["--page-size", "4", "--kv-memory", "16MiB", "--num-threads", "1",
               "--served-model-name", "tiny"]
@@ -36,17 +35,13 @@ def tokenizer(tiny_dir):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    proc = ServerProcess.start([str(tiny_dir), *SERVE_ARGS])  # MODEL as the first argument
-    try:
+    with ServerProcess.start([str(tiny_dir), *SERVE_ARGS]) as proc:  # MODEL as the first argument
         yield proc
-    finally:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
-                         timeout=60)
+    return openai_client(server)
 
 
 def extra(obj, name: str):

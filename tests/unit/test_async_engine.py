@@ -50,22 +50,27 @@ def run(coro, timeout: float = 20.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-def test_f02_unexpected_add_error_answers_500_and_engine_lives(core):
-    real = core.add_request
+def fail_on_call(real, call: int, error: BaseException):
+    """`real`, except that its `call`-th call (counting from 1) raises `error`."""
     calls = [0]
 
-    def flaky(*a, **kw):
+    def wrapper(*a, **kw):
         calls[0] += 1
-        if calls[0] == 1:
-            raise KeyError("not a ValueError")
+        if calls[0] == call:
+            raise error
         return real(*a, **kw)
 
-    core.add_request = flaky
+    return wrapper
+
+
+def assert_first_fails_then_engine_serves(core, match: str) -> None:
+    """Request "a" fails with RequestFailed(`match`); the engine stays healthy and
+    request "b" then generates all its tokens."""
     eng = AsyncEngine(core)
     eng.start()
 
     async def scenario():
-        with pytest.raises(RequestFailed, match="not a ValueError"):
+        with pytest.raises(RequestFailed, match=match):
             await generate(eng, "a")
         assert eng.healthy
         return await generate(eng, "b")
@@ -74,6 +79,11 @@ def test_f02_unexpected_add_error_answers_500_and_engine_lives(core):
         assert len(run(scenario())) == 3
     finally:
         eng.stop()
+
+
+def test_f02_unexpected_add_error_answers_500_and_engine_lives(core):
+    core.add_request = fail_on_call(core.add_request, 1, KeyError("not a ValueError"))
+    assert_first_fails_then_engine_serves(core, "not a ValueError")
 
 
 def test_f02_snapshot_error_keeps_the_engine_running(core):
@@ -149,26 +159,47 @@ def test_f02_thread_death_fails_every_waiter(core):
 
 
 def test_f03_failed_step_answers_its_requests_with_request_failed(core):
-    real = core.runner.forward
-    calls = [0]
+    core.runner.forward = fail_on_call(core.runner.forward, 2, RuntimeError("injected"))
+    assert_first_fails_then_engine_serves(core, "injected")
 
-    def forward(items, *a, **kw):
+
+def test_snapshot_skips_plain_decode_steps_but_shows_every_state_change(core):
+    # The snapshot is rebuilt when a request is added, gets its first token or
+    # finishes (before that event is delivered), and at most every
+    # SNAPSHOT_MAX_AGE_S otherwise: a 40-token decode does not rebuild it 40 times.
+    real, calls = core.snapshot, [0]
+
+    def counting():
         calls[0] += 1
-        if calls[0] == 2:
-            raise RuntimeError("injected")
-        return real(items, *a, **kw)
+        return real()
 
-    core.runner.forward = forward
+    core.snapshot = counting
     eng = AsyncEngine(core)
+    calls[0] = 0
+    steps_before = core.metrics.num_steps
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     eng.start()
 
     async def scenario():
-        with pytest.raises(RequestFailed, match="injected"):
-            await generate(eng, "a")
-        assert eng.healthy
-        return await generate(eng, "b")
+        group = eng.submit("a", [([5, 6, 7], long)])
+        await group.wait_accepted()
+        assert eng.snapshot.num_waiting + eng.snapshot.num_running == 1
+        num_tokens = 0
+        async for d in group.events():
+            if num_tokens == 0:  # first token: the snapshot already shows it running
+                assert eng.snapshot.num_running == 1
+                assert eng.snapshot.counters["scheduled_tokens"] >= 3  # the prefill
+            num_tokens += len(d.token_ids)
+        # the finish was delivered after the snapshot that shows it
+        assert eng.snapshot.num_running == 0 and eng.snapshot.num_waiting == 0
+        assert eng.snapshot.counters["finished"] >= 1
+        assert eng.snapshot.counters["output_tokens"] >= 40
+        return num_tokens
 
     try:
-        assert len(run(scenario())) == 3
+        assert run(scenario()) == 40
     finally:
         eng.stop()
+    num_steps = core.metrics.num_steps - steps_before
+    assert num_steps >= 40
+    assert calls[0] < num_steps // 2, (calls[0], num_steps)

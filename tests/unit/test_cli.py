@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import re
@@ -74,6 +75,20 @@ def test_bad_values_exit_with_usage_error(capsys):
 def test_readme_settings_table_is_generated():
     """Regenerate with `python scripts/update_readme_settings.py`."""
     assert settings_markdown() in README.read_text()
+
+
+def test_top_level_help_names_every_subcommand():
+    parser = build_parser()
+    names = next(a for a in parser._actions
+                 if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(names) == {"serve", "router", "generate", "bench", "settings", "plan", "simulate"}
+    for name in names:
+        assert name in parser.description
+    # README and docs/architecture.md name each of them as a `swakv NAME` command
+    docs = README.read_text() + (README.parent / "docs" / "architecture.md").read_text()
+    for name in names:
+        command = "swakv bench serve" if name == "bench" else f"swakv {name}"
+        assert command in docs, name
 
 
 def test_readme_has_the_two_setup_commands():
