@@ -79,8 +79,11 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        """Stop the server; its log file goes too unless an error is on its way out."""
         self.kill()
+        if exc_type is None:
+            self.log_path.unlink(missing_ok=True)
 
 
 def openai_client(server: ServerProcess, api_key: str = "unused", timeout: float = 60.0):
