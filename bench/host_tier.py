@@ -4,7 +4,10 @@ S sessions share one system prompt and run T turns each (every turn's prompt is 
 whole conversation so far plus a new user message; fixed output lengths). C clients
 (closed loop, C = max running requests) take turns in round-robin order over the
 sessions, so between two turns of a session every other session has had one: the
-working set cycles through the pools, and TTFT measures prefill, not queueing. The
+working set cycles through the pools. Closed loop, TTFT is about one step whatever the
+hit (a slower engine just gets fewer arrivals); `--rate R` runs an open loop instead
+(turns arrive at R per second, Poisson, TTFT from the arrival), where an engine that
+re-prefills what it forgot falls behind the offered load and queues. The
 device full pool holds about a quarter of the working set. Three runs on the real model:
   - unbounded: device pools (full and SWA) that hold everything (the hit-ratio ceiling),
   - device only: the quarter-size full pool (SWA sized by the cost model), no host tier,
@@ -13,6 +16,7 @@ Reports prefix-hit ratio, output tok/s, TTFT p50/p90 and, for the host tier, byt
 loaded per pool per host hit (SWA should be about one window, not the prefix).
 
     .venv/bin/python bench/host_tier.py [--sessions 128] [--turns 4] [--output-len 16]
+                                        [--rate R]
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ def sizes_for(cfg: EngineConfig, full_tokens: int, window: int, layout: KVLayout
 
 
 def run_sessions(eng, args) -> list:
-    """Closed loop: `max_running` clients, turns handed out round-robin over sessions."""
+    """Turns handed out round-robin over sessions: closed loop (`max_running` clients),
+    or open loop at `args.rate` turns per second (Poisson arrivals)."""
     import random
     from collections import deque
 
@@ -64,10 +69,12 @@ def run_sessions(eng, args) -> list:
     ready = deque((s, 1) for s in range(args.sessions))
     live: dict[str, tuple[int, int]] = {}
     done = []
+    arrivals = _arrival_times(args, rng) if args.rate else None
     while ready or live:
-        while ready and len(live) < args.max_running:
-            s, t = ready.popleft()
-            live[eng.add_request(convo[s], params).request_id] = (s, t)
+        _admit(eng, args, ready, live, convo, params, arrivals)
+        if not live:  # open loop, idle until the next arrival
+            time.sleep(max(0.0, arrivals[0] - time.monotonic()))
+            continue
         for out in eng.step():
             if not out.finished:
                 continue
@@ -78,6 +85,32 @@ def run_sessions(eng, args) -> list:
                 convo[s] = req.token_ids + tokens(rng, args.user_len, vocab)
                 ready.append((s, t + 1))
     return done
+
+
+def _arrival_times(args, rng) -> list[float]:
+    """Monotonic clock times of the open loop's arrivals (one per turn), from now."""
+    t, times = time.monotonic(), []
+    for _ in range(args.sessions * args.turns):
+        t += rng.expovariate(args.rate)
+        times.append(t)
+    return times
+
+
+def _admit(eng, args, ready, live, convo, params, arrivals) -> None:
+    """Closed loop: fill the free client slots. Open loop: every arrival that is due takes
+    the next ready turn; its TTFT counts from the arrival, not from when the driver got
+    to it (a session whose previous turn still runs holds its arrival back)."""
+    if arrivals is None:
+        while ready and len(live) < args.max_running:
+            s, t = ready.popleft()
+            live[eng.add_request(convo[s], params).request_id] = (s, t)
+        return
+    now = time.monotonic()
+    while ready and arrivals and arrivals[0] <= now:
+        s, t = ready.popleft()
+        req = eng.add_request(convo[s], params)
+        req.arrival_time = arrivals.pop(0)
+        live[req.request_id] = (s, t)
 
 
 def run(name: str, args, full_tokens: int, host: str | None,
@@ -124,7 +157,10 @@ def main() -> None:
     ap.add_argument("--system-len", type=int, default=1000)
     ap.add_argument("--user-len", type=int, default=100)
     ap.add_argument("--output-len", type=int, default=16)
-    ap.add_argument("--max-running", type=int, default=16, help="clients (closed loop)")
+    ap.add_argument("--max-running", type=int, default=16,
+                    help="clients (closed loop); the engine's max running requests")
+    ap.add_argument("--rate", type=float, default=None,
+                    help="open loop: turns arriving per second (Poisson); default closed loop")
     ap.add_argument("--chunk-size", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)

@@ -139,7 +139,7 @@ class KVLayout:
 QUANTIZATION_MODES = ("none", "int8", "int4", "w8a8")  # swakv.model.quant.Quantization
 
 
-def _help(text: str, aliases: tuple[str, ...] = (), parse=None, **kw):
+def config_field(text: str, aliases: tuple[str, ...] = (), parse=None, **kw):
     """A dataclass field with `--help` text (the CLI builds its flags from these).
 
     `aliases`: extra flag names users know from other engines (vLLM, SGLang,
@@ -147,6 +147,9 @@ def _help(text: str, aliases: tuple[str, ...] = (), parse=None, **kw):
     text (default: from the field's type).
     """
     return field(metadata={"help": text, "aliases": aliases, "parse": parse}, **kw)
+
+
+_help = config_field
 
 
 MIB = 1 << 20

@@ -4,14 +4,12 @@ builds flags from them)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from swakv.config import config_field as _help
 
 ROLES = ("colocated", "prefill", "decode")
 PREFILL_HEADER = "x-swakv-prefill"  # router -> decode worker: the prefill control address
-
-
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
 
 
 class PDConfigError(ValueError):

@@ -52,9 +52,13 @@ class Pair:
               ) -> Pair:
         cfg = cfg or PDConfig(role="decode", pd_heartbeat_interval=0.2, pd_peer_timeout=2.0)
         prefill = make_prefill(p_core, cfg)
-        d_cp = ControlPlane("decode-test", heartbeat_interval=cfg.pd_heartbeat_interval,
-                            peer_timeout=cfg.pd_peer_timeout)
-        decode = DecodeEngine(d_core, d_cp, MooncakeBackend(), cfg, "decode-test")
+        try:
+            d_cp = ControlPlane("decode-test", heartbeat_interval=cfg.pd_heartbeat_interval,
+                                peer_timeout=cfg.pd_peer_timeout)
+            decode = DecodeEngine(d_core, d_cp, MooncakeBackend(), cfg, "decode-test")
+        except BaseException:  # the prefill side's threads and sockets must not outlive it
+            prefill.close()
+            raise
         return cls(prefill, decode)
 
     @property
