@@ -307,6 +307,10 @@ class AsyncEngine:
             changed |= self._deliver_output(out)
         return changed
 
+    def _failure(self, out) -> Exception:
+        """What a failed output (`out.error` set) raises in its client's handler."""
+        return RequestFailed(out.error)
+
     def _deliver_output(self, out) -> bool:
         """Emit one output's event; True if its request got its first token, finished
         or failed."""
@@ -317,7 +321,7 @@ class AsyncEngine:
         if out.error is not None:
             del self._live[req.request_id]
             self.engine.release(req.request_id)
-            self._emit(sink, Failed(sink.index, RequestFailed(out.error)))
+            self._emit(sink, Failed(sink.index, self._failure(out)))
             return True
         n_new = len(out.new_token_ids)
         logprobs = list(out.logprobs) if out.logprobs is not None else None

@@ -35,7 +35,7 @@ from swakv.disagg.transfer import MooncakeBackend
 from swakv.disagg.worker import PDEngineBase, UnavailableOutput, make_staging, new_worker_id
 from swakv.engine.build import off_the_main_thread
 from swakv.server.app import create_app
-from swakv.server.async_engine import AsyncEngine, EngineUnavailable, Failed
+from swakv.server.async_engine import AsyncEngine, EngineUnavailable
 from swakv.server.metrics import ServerMetrics
 from swakv.server.state import model_id_for
 
@@ -76,16 +76,11 @@ class PDAsyncEngine(AsyncEngine):
             work = [(RoutedPrompt(ids, hint), params) for ids, params in work]
         return super().submit(request_id, work)
 
-    def _deliver_output(self, out) -> None:
-        if not isinstance(out, UnavailableOutput):
-            super()._deliver_output(out)
-            return
-        rid = out.request.request_id
-        sink = self._live.pop(rid, None)
-        if sink is None:
-            return
-        self.engine.release(rid)
-        self._emit(sink, Failed(sink.index, EngineUnavailable(out.error)))
+    def _failure(self, out) -> Exception:
+        """A PD peer gone or timed out is a 503 (`engine_unavailable`), not a 500."""
+        if isinstance(out, UnavailableOutput):
+            return EngineUnavailable(out.error)
+        return super()._failure(out)
 
 
 def advertised_host(host: str) -> str:
