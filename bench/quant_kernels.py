@@ -31,6 +31,8 @@ from swakv.model.quant import (
     DenseKernel,
     Int4WeightOnlyKernel,
     Int4Weights,
+    Int8GroupKernel,
+    Int8GroupWeights,
     Int8WeightOnlyKernel,
     Int8Weights,
     W8A8Kernel,
@@ -64,6 +66,7 @@ def kernels(w: torch.Tensor, groups: tuple[int, ...]) -> dict[str, Callable]:
     out: dict[str, Callable] = {
         "dense": DenseKernel(w, dtype),
         "int8": Int8WeightOnlyKernel(i8, dtype),
+        "int8g": Int8GroupKernel(Int8GroupWeights.quantize(w), dtype),
         "w8a8": W8A8Kernel(i8, dtype),
     }
     for g in groups:

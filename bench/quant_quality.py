@@ -3,8 +3,9 @@
 32 fixed prompts (8 of 5-19 tokens, 8 of 55-141, 8 of 382-534 and 8 of 917-1,248
 tokens: 10 beyond the 512-token window), 64 tokens each: the float32 model generates the
 greedy continuation, then every mode scores prompt + continuation teacher-forced (one
-extend per prompt, bf16 activations) and is compared with float32 at the 64
-continuation positions:
+extend per prompt), in each activation dtype of --dtypes (bfloat16 and float32: the
+model dtype, which the weight-only kernels compute in), and is compared with float32
+at the 64 continuation positions:
 
     top1  share of positions where the mode's argmax is float32's greedy token
     kl    mean KL(p_fp32 || p_mode) over those positions (nats)
@@ -13,10 +14,10 @@ Each mode is scored twice, with every linear forced (`QuantLinear.dispatch`) to 
 kernel its dispatch runs for the smallest batches ("small": weight-only int8 / int4,
 what batch-1 decode runs) and for the largest ("large": dense on the dequantized
 weights, or w8a8 for the w8a8 mode's layers, what prefill chunks run); a one-pass
-extend would otherwise only exercise the large-batch kernels. A mode passes when both
-paths meet the targets (int8: top1 >= 99%, kl <= 0.01; int4 and w8a8: top1 >= 95%,
-kl <= 0.05). `none` (bf16) is listed for scale: bf16 rounding alone already costs
-top-1 agreement, which bounds what any bf16-activation mode can reach.
+extend would otherwise only exercise the large-batch kernels. A mode passes in a dtype
+when both paths meet the targets (int8: top1 >= 99%, kl <= 0.01; int4 and w8a8: top1
+>= 95%, kl <= 0.05). `none` in bf16 is listed for scale: bf16 rounding alone already
+costs top-1 agreement (98.2%), which bounds what any bf16-activation mode can reach.
 
     flock /tmp/swakv-cpu.lock .venv/bin/python bench/quant_quality.py
 """
@@ -209,6 +210,7 @@ class Scorer:
 @dataclass(frozen=True)
 class Score:
     mode: str
+    dtype: str  # activation (model) dtype: "bfloat16" / "float32"
     path: str  # "small" / "large" (forced), "dense" for none
     kernels: str
     top1: float
@@ -254,8 +256,10 @@ def force_path(model: Gemma3Model, path: str) -> str:
 
 
 def evaluate(loaded: LoadedModel, prompts: Sequence[list[int]], new_tokens: int,
-             modes: Sequence[str]) -> tuple[list[Score], list[list[int]]]:
-    """Score every mode (bf16 activations) against float32 on teacher-forced prompts."""
+             modes: Sequence[str], dtypes: Sequence[str] = ("bfloat16",)
+             ) -> tuple[list[Score], list[list[int]]]:
+    """Score every mode in every activation dtype against float32 (the float32 `none`
+    model is the reference itself and is skipped) on teacher-forced prompts."""
     ref_model = Gemma3Model(loaded.spec, loaded.weights, torch.float32)
     ref = Scorer(ref_model, torch.float32)
     tokens = ref.greedy(prompts, new_tokens)
@@ -263,30 +267,44 @@ def evaluate(loaded: LoadedModel, prompts: Sequence[list[int]], new_tokens: int,
                     for p, t in zip(prompts, tokens)]
     del ref_model, ref
     scores = []
-    for mode in modes:
-        model = Gemma3Model(loaded.spec, loaded.weights, torch.bfloat16, quantization=mode,
-                            weights_dir=loaded.path)
-        plan = {lin: lin.dispatch for lin in model.linears.values()} if mode != "none" else {}
-        for path in (PATHS if mode != "none" else ("dense",)):
-            kernel = path
-            if mode != "none":
-                for lin, dispatch in plan.items():
-                    lin.dispatch = dispatch  # type: ignore[union-attr]
-                kernel = force_path(model, path)
-            t0 = time.perf_counter()
-            scorer = Scorer(model, torch.bfloat16)
-            cmp = Comparison()
-            for p, t, ref_lp in zip(prompts, tokens, ref_logprobs):
-                cmp.add(ref_lp, scorer.continuation_logits(p, t), t)
-            top1, kl, kl_max, n = cmp.result()
-            scores.append(Score(mode, path, kernel, top1, kl, kl_max, n,
-                                time.perf_counter() - t0))
+    for dtype_name in dtypes:
+        for mode in modes:
+            if not (mode == "none" and dtype_name == "float32"):
+                scores += _score_mode(loaded, mode, getattr(torch, dtype_name), prompts,
+                                      tokens, ref_logprobs)
     return scores, tokens
 
 
-def passes(mode: str, scores: Sequence[Score], targets: dict[str, tuple[float, float]]) -> bool:
+def _score_mode(loaded: LoadedModel, mode: str, dtype: torch.dtype,
+                prompts: Sequence[list[int]], tokens: Sequence[list[int]],
+                ref_logprobs: Sequence[torch.Tensor]) -> list[Score]:
+    """Scores of one mode in one activation dtype, per forced path."""
+    model = Gemma3Model(loaded.spec, loaded.weights, dtype, quantization=mode,
+                        weights_dir=loaded.path)
+    plan = {lin: lin.dispatch for lin in model.linears.values()} if mode != "none" else {}
+    scores = []
+    for path in (PATHS if mode != "none" else ("dense",)):
+        kernel = path
+        if mode != "none":
+            for lin, dispatch in plan.items():
+                lin.dispatch = dispatch  # type: ignore[union-attr]
+            kernel = force_path(model, path)
+        t0 = time.perf_counter()
+        scorer = Scorer(model, dtype)
+        cmp = Comparison()
+        for p, t, ref_lp in zip(prompts, tokens, ref_logprobs):
+            cmp.add(ref_lp, scorer.continuation_logits(p, t), t)
+        top1, kl, kl_max, n = cmp.result()
+        scores.append(Score(mode, str(dtype).removeprefix("torch."), path, kernel, top1, kl,
+                            kl_max, n, time.perf_counter() - t0))
+    return scores
+
+
+def passes(mode: str, dtype: str, scores: Sequence[Score],
+           targets: dict[str, tuple[float, float]]) -> bool:
+    """Whether every path of `mode` in activation dtype `dtype` meets the targets."""
     top1, kl = targets[mode]
-    mine = [s for s in scores if s.mode == mode]
+    mine = [s for s in scores if s.mode == mode and s.dtype == dtype]
     return bool(mine) and all(s.top1 >= top1 and s.kl_mean <= kl for s in mine)
 
 
@@ -296,6 +314,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--modes", default="none,int8,int4,w8a8")
+    ap.add_argument("--dtypes", default="bfloat16,float32",
+                    help="activation dtypes to score each mode in")
     ap.add_argument("--out", default="bench/results/quant_quality.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -307,14 +327,17 @@ def main() -> None:
     print(f"{len(prompts)} prompts, {lengths[0]}-{lengths[-1]} tokens "
           f"({sum(n > 512 for n in lengths)} beyond 512), {args.new_tokens} tokens each")
     modes = args.modes.split(",")
-    scores, _ = evaluate(loaded, prompts, args.new_tokens, modes)
-    print(f"\n{'mode':<6} {'path':<6} {'kernels':<11} {'top1':>8} {'mean KL':>9} {'max KL':>8} "
-          f"{'pass':>5}")
+    dtypes = args.dtypes.split(",")
+    scores, _ = evaluate(loaded, prompts, args.new_tokens, modes, dtypes)
+    print(f"\n{'mode':<6} {'dtype':<9} {'path':<6} {'kernels':<11} {'top1':>8} {'mean KL':>9} "
+          f"{'max KL':>8} {'pass':>5}")
     for s in scores:
-        ok = "" if s.mode not in TARGETS else ("yes" if passes(s.mode, [s], TARGETS) else "NO")
-        print(f"{s.mode:<6} {s.path:<6} {s.kernels:<11} {100 * s.top1:>7.2f}% {s.kl_mean:>9.5f} "
-              f"{s.kl_max:>8.4f} {ok:>5}")
-    verdict = {m: passes(m, scores, TARGETS) for m in modes if m in TARGETS}
+        ok = "" if s.mode not in TARGETS else (
+            "yes" if passes(s.mode, s.dtype, [s], TARGETS) else "NO")
+        print(f"{s.mode:<6} {s.dtype:<9} {s.path:<6} {s.kernels:<11} {100 * s.top1:>7.2f}% "
+              f"{s.kl_mean:>9.5f} {s.kl_max:>8.4f} {ok:>5}")
+    verdict = {f"{m}/{d}": passes(m, d, scores, TARGETS)
+               for d in dtypes for m in modes if m in TARGETS}
     print("targets met:", verdict)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

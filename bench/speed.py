@@ -30,6 +30,12 @@ from pathlib import Path
 
 import torch
 
+from swakv.bench.flops import (
+    attention_flops,
+    attention_flops_range,
+    head_flops_per_token,
+    linear_flops_per_token,
+)
 from swakv.config import EngineConfig
 from swakv.engine.build import build_engine
 from swakv.engine.core import EngineCore
@@ -74,27 +80,6 @@ def decode_steps(eng: EngineCore, timer: ForwardTimer, n: int) -> tuple[float, f
     return statistics.median(total), statistics.median(outside)
 
 
-def flops_per_token(eng: EngineCore) -> tuple[float, float]:
-    """(linear FLOPs per computed token, LM-head FLOPs per sampled token)."""
-    s = eng.spec
-    per_layer = 0
-    for a in s.layers:
-        qkv = (s.num_heads + 2 * a.num_kv_heads) * a.head_dim * s.hidden_size
-        o = s.num_heads * a.head_dim * s.hidden_size
-        per_layer += qkv + o + 3 * s.intermediate_size * s.hidden_size
-    return 2.0 * per_layer, 2.0 * s.vocab_size * s.hidden_size
-
-
-def attn_flops(eng: EngineCore, pos: int) -> float:
-    """Attention FLOPs of one query at position `pos` (all layers)."""
-    s = eng.spec
-    total = 0.0
-    for a in s.layers:
-        keys = pos + 1 if a.window is None else min(pos + 1, a.window)
-        total += 4.0 * s.num_heads * a.head_dim * keys
-    return total
-
-
 def run_mode(mode: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     cfg = EngineConfig(dtype="bfloat16", quantization=mode, kv_memory=2 << 30, chunk_size=2048,
@@ -102,7 +87,7 @@ def run_mode(mode: str, threads: int) -> dict:
     eng = build_engine(None, cfg)
     timer = ForwardTimer(eng)
     vocab = eng.spec.vocab_size
-    lin, head = flops_per_token(eng)
+    lin, head = linear_flops_per_token(eng.spec), head_flops_per_token(eng.spec)
     out: dict = {"mode": mode}
 
     # warm-up (kernel build, caches)
@@ -132,7 +117,7 @@ def run_mode(mode: str, threads: int) -> dict:
         eng.step()
     dt = time.perf_counter() - t0
     out["prefill_tok_s"] = 2000 / dt
-    pf = 2000 * lin + head + sum(attn_flops(eng, p) for p in range(2000))
+    pf = 2000 * lin + head + attention_flops_range(eng.spec, 0, 2000)
     out["prefill_gflops"] = pf / dt / 1e9
 
     # batch 8: 8 x (200 -> 64), prefill included
@@ -152,7 +137,7 @@ def run_mode(mode: str, threads: int) -> dict:
     step64, share64 = decode_steps(eng, timer, 32)
     out["batch64_tok_s"] = 64 / step64
     out["step_b64_ms"], out["non_model_b64"] = 1e3 * step64, share64
-    dec = 64 * (lin + head + attn_flops(eng, int(ctx) + 16))
+    dec = 64 * (lin + head + attention_flops(eng.spec, int(ctx) + 16))
     out["batch64_gflops"] = dec / step64 / 1e9
     for x in reqs:
         eng.abort(x.request_id)

@@ -290,9 +290,10 @@ class EngineConfig:
                                     aliases=("--threads",))
     quantization: str = _help(
         "weight quantization: none (dtype weights; float32 is the exact reference), int8 "
-        "(weight-only, per output channel), int4 (weight-only, groups of 32) or w8a8 (int8 "
-        "weights, int8 per-token activations for large batches); quantized modes are NOT "
-        "exact and pick the fastest kernel per batch size",
+        "(weight-only, groups of 32; with --dtype float32 the closest to the reference), "
+        "int4 (weight-only, groups of 32) or w8a8 (int8 weights per channel, int8 "
+        "per-token activations for large batches); quantized modes are NOT exact and pick "
+        "the fastest kernel per batch size",
         default="none",
     )
     seed: int | None = _help(

@@ -29,10 +29,15 @@ Registered as torch ops in namespace `swakv`:
   q . k for keys [key_lo, key_hi); products of bf16 are exact in fp32 and summed in
   fp32 (a register-blocked 8 rows x 32 keys micro-kernel). Needs AVX512-BF16
   (`bf16_dot_supported()`).
+- `int8_group_mm(x [M, K] float32|bfloat16, qweight int8 [N, K], scales float32
+  [N, K / group], group) -> [M, N] in x's dtype`: weight-only int8 with one scale per
+  `group` input columns (group a multiple of 16 dividing K), fp32 sums (see
+  `swakv.kernels.quant_src`).
 """
 
 from swakv.kernels.decode_src import DECODE_SOURCE
 from swakv.kernels.extend_src import EXTEND_SOURCE
+from swakv.kernels.quant_src import QUANT_SOURCE
 
 # includes and helpers shared by both kernel families; opens the anonymous namespace
 COMMON_SOURCE = r"""
@@ -148,6 +153,7 @@ TORCH_LIBRARY(swakv, m) {
   m.def("pack_keys_bf16(Tensor k) -> Tensor");
   m.def("qk_scores_bf16(Tensor q, Tensor packed, int key_lo, int key_hi) -> Tensor");
   m.def("bf16_dot_supported() -> bool");
+  m.def("int8_group_mm(Tensor x, Tensor qweight, Tensor scales, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(swakv, CPU, m) {
@@ -155,6 +161,7 @@ TORCH_LIBRARY_IMPL(swakv, CPU, m) {
   m.impl("masked_softmax_out", &masked_softmax_out);
   m.impl("pack_keys_bf16", &pack_keys_bf16);
   m.impl("qk_scores_bf16", &qk_scores_bf16);
+  m.impl("int8_group_mm", &int8_group_mm);
 }
 
 TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {
@@ -162,4 +169,5 @@ TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {
 }
 """
 
-SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, REGISTRATION_SOURCE))
+SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, QUANT_SOURCE,
+                    REGISTRATION_SOURCE))

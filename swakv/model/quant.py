@@ -5,11 +5,14 @@ and SGLang do: `int8` / `int4` weight-only, `w8a8` for int8 weights x int8
 activations, vLLM's and SGLang's name for that scheme):
 
     none  the model dtype's dense weights (float32 is the exact reference path)
-    int8  weight-only int8, symmetric per output channel: w ~ q * s, q in [-127, 127]
+    int8  weight-only int8, symmetric per group of INT8_GROUP_SIZE input columns:
+          w ~ q * s[group], q in [-127, 127], each group's scale snapped to a GGUF
+          block grid when that holds the group exactly (quant_formats.Int8GroupWeights)
     int4  weight-only int4, asymmetric per group of INT4_GROUP_SIZE input columns:
           w ~ (q - 8) * s + z, q in [0, 15] (torch's tinygemm convention)
-    w8a8  the int8 weights above times int8 activations quantized per token on the
-          fly (x ~ qx * sx, sx = max|x_row| / 127), int32 accumulation
+    w8a8  int8 weights per output channel (w ~ q * s[n]) times int8 activations
+          quantized per token on the fly (x ~ qx * sx, sx = max|x_row| / 127), int32
+          accumulation (torch._int_mm cannot apply per-group weight scales)
 
 No quantized mode is exact. In every mode the quantized weights ARE the weights: each
 linear holds one set of effective weights, and the dispatch only picks the kernel
@@ -17,25 +20,31 @@ that is fastest for the number of rows in the batch (see DISPATCH). Where that i
 dense GEMM (from a handful of rows on), it runs on a model-dtype copy of the
 dequantized weights, so a token's result does not depend on the batch it lands in
 beyond float rounding. Activations are quantized only by the w8a8 kernel, which
-`w8a8` runs for large batches (prefill chunks); its small batches run like `int8`.
+`w8a8` runs for large batches (prefill chunks); its small batches run weight-only
+on its per-channel int8 weights.
 
 Quality (bench/quant_quality.py: 32 prompts x 64 tokens teacher-forced on the
-float32 greedy continuation, bf16 activations; top-1 agreement / mean KL vs float32):
-bf16 none 98.2% / 0.0006; int8 96.4-97.1% / 0.0043; w8a8 94.8% / 0.015 on its
-large-batch path (int8 on small batches); int4 84.5% / 0.17. The default model's
-weights are already 4-6-bit GGUF values (q/k/v and gate/up Q5_0, o Q4_K, down Q4_K /
-Q6_K, embedding Q8_0): int4 keeps the Q4_K ones almost exactly (groups of 32 match
-Q4_K's sub-blocks) but must drop a bit of every Q5_0 value, which no data-free
-rounding recovers (an MSE-searched clipping range gained under 10%).
+float32 greedy continuation; top-1 agreement / mean KL vs float32): with float32
+activations int8 99.2% / 0.0003 (per output channel, the earlier format, 96.4% /
+0.0036: one scale per 640-wide row cannot follow the GGUF's per-32 block scales);
+with bf16 activations bf16 none 98.2% / 0.0006, int8 97.9% / 0.0009 (bf16 rounding
+of the activations is what stops it short of 99%), w8a8 94.8% / 0.015 on its
+large-batch path, int4 84.5% / 0.17. The default model's weights are already 4-8-bit
+GGUF values (q/k/v and gate/up Q5_0, o Q4_K, down Q4_K / Q6_K, embedding Q8_0): int4
+keeps the Q4_K ones almost exactly (groups of 32 match Q4_K's sub-blocks) but must
+drop a bit of every Q5_0 value, which no data-free rounding recovers (an MSE-searched
+clipping range gained under 10%; q/k/v and gate/up in int8 instead: 90.1%).
 
 Memory: the dense copies are kept because every role's dispatch needs them, so
 `int8` / `int4` / `w8a8` hold the packed weights in addition to what `none` holds
 (linears of the default model: 768 / 671 / 768 MiB, bf16 `none` 511 MiB); they buy speed for
 small batches, not memory. The tied LM head's embedding table stays exact either way.
 
-Kernels (all existing torch ops, no Python loops over rows or groups):
+Kernels (torch ops and swakv's C++ kernels, no Python loops over rows or groups):
 - dense: oneDNN prepacked bf16 (`mkldnn._linear_pointwise`), else F.linear;
-- int8 weight-only: `aten._weight_int8pack_mm` (x [M, K], q [N, K], s [N]);
+- grouped int8 weight-only: `swakv.int8_group_mm` (swakv.kernels.quant_src; AVX-512
+  when the CPU has it), fp32 sums; without the C++ kernels `int8` runs dense only;
+- per-channel int8 weight-only: `aten._weight_int8pack_mm` (x [M, K], q [N, K], s [N]);
 - int4 weight-only: `aten._weight_int4pack_mm_for_cpu` (tinygemm layout from
   `aten._convert_weight_to_int4pack_for_cpu`; CPU only: other devices take the
   dense kernel on the dequantized weights);
@@ -56,6 +65,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from swakv.kernels.cpu_build import cpu_kernels_available
+from swakv.model.quant_formats import (
+    INT4_GROUP_SIZE,
+    INT8_GROUP_SIZE,
+    INT8_MAX,
+    Int4Weights,
+    Int8GroupWeights,
+    Int8Weights,
+    pack_int4,
+    unpack_int4,
+)
+
+__all__ = [  # the formats are re-exported: callers import the whole API from here
+    "INT4_GROUP_SIZE", "INT8_GROUP_SIZE", "INT8_MAX", "Int4Weights", "Int8GroupWeights",
+    "Int8Weights", "pack_int4", "unpack_int4",
+]
+
 
 class Quantization(StrEnum):
     NONE = "none"
@@ -64,8 +90,6 @@ class Quantization(StrEnum):
     W8A8 = "w8a8"
 
 
-INT4_GROUP_SIZE = 32  # input columns per int4 scale/zero (GGUF Q4_K sub-blocks are 32 wide)
-INT8_MAX = 127
 
 
 def mkldnn_bf16() -> bool:
@@ -73,95 +97,6 @@ def mkldnn_bf16() -> bool:
     return bool(
         torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
-
-
-# ---------------------------------------------------------------------- weight formats
-
-
-@dataclass(frozen=True)
-class Int8Weights:
-    """Symmetric per-output-channel int8: w[n, k] ~ qweight[n, k] * scales[n].
-
-    qweight int8 [N, K] in [-127, 127]; scales fp32 [N] (> 0; 1.0 for all-zero rows).
-    """
-
-    qweight: torch.Tensor
-    scales: torch.Tensor
-
-    @classmethod
-    def quantize(cls, w: torch.Tensor) -> Int8Weights:
-        w = w.float()
-        amax = w.abs().amax(dim=1)
-        scales = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-        q = torch.round(w / scales[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-        return cls(q.contiguous(), scales.contiguous())
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The effective weights [N, K], with the scales rounded to `dtype` as the
-        kernels use them."""
-        s = self.scales.to(dtype).float()
-        return (self.qweight.float() * s[:, None]).to(dtype)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"qweight": self.qweight, "scales": self.scales}
-
-
-@dataclass(frozen=True)
-class Int4Weights:
-    """Asymmetric groupwise int4: w[n, k] ~ (q[n, k] - 8) * scales[n, g] + zeros[n, g],
-    g = k // group_size, q in [0, 15].
-
-    `packed` uint8 [N, K / 2] holds two values per byte: column 2j in the low nibble,
-    2j + 1 in the high nibble (a device-independent format; kernels repack it).
-    scales, zeros fp32 [N, K / group_size]. Quantization maps each group's min to q 0
-    and max to q 15, so a group already on a 16-level grid (GGUF Q4_K) is kept exactly
-    up to the rounding of its scale and zero.
-    """
-
-    packed: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    group_size: int
-
-    @classmethod
-    def quantize(cls, w: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Int4Weights:
-        n, k = w.shape
-        if k % group_size or group_size % 2:
-            raise ValueError(f"in_features {k} is not a multiple of int4 group {group_size}")
-        g = w.float().reshape(n, k // group_size, group_size)
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scales = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(lo))
-        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8)
-        zeros = lo + 8 * scales
-        return cls(pack_int4(q.reshape(n, k)), scales.contiguous(), zeros.contiguous(),
-                   group_size)
-
-    def unpack(self) -> torch.Tensor:
-        """q uint8 [N, K] in [0, 15]."""
-        return unpack_int4(self.packed)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The effective weights [N, K], scales and zeros rounded to `dtype` as the
-        kernels use them."""
-        n, k = self.packed.shape[0], 2 * self.packed.shape[1]
-        q = self.unpack().float().reshape(n, k // self.group_size, self.group_size)
-        s = self.scales.to(dtype).float()[..., None]
-        z = self.zeros.to(dtype).float()[..., None]
-        return ((q - 8) * s + z).reshape(n, k).to(dtype)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K] values in [0, 15] -> uint8 [N, K / 2], low nibble = even column."""
-    q = q.to(torch.uint8)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int4: uint8 [N, K / 2] -> uint8 [N, K]."""
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -202,6 +137,17 @@ class Int8WeightOnlyKernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+
+
+class Int8GroupKernel:
+    """`swakv.int8_group_mm` (C++, swakv.kernels): x (bf16/fp32) times grouped int8
+    weights, fp32 sums; needs the CPU kernels (`cpu_kernels_available()`)."""
+
+    def __init__(self, w: Int8GroupWeights, dtype: torch.dtype) -> None:
+        self.qweight, self.scales, self.group_size = w.qweight, w.scales, w.group_size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.swakv.int8_group_mm(x, self.qweight, self.scales, self.group_size)
 
 
 class Int4WeightOnlyKernel:
@@ -307,6 +253,11 @@ def _d(*steps: tuple[int, str]) -> Dispatch:
 #   gate_up  4096 x 640     .043/.032/.036/.034    .063/.131/.121/.089   5.13/16.9/15.6/4.57
 #   down     640 x 2048     .027/.017/.019/.026    .039/.060/.062/.088   2.67/7.67/7.73/2.40
 #   lm_head  262144 x 640   7.35/4.90/3.03/3.87    7.13/11.6/8.75/10.3   (M=64) 26.4/104/82.5/59.5
+# int8g (grouped int8, the int8 mode's small-batch kernel) vs dense, ms at M = 1/2/4/8:
+#   qkv .018/.021/.043/.069 vs .026/.027/.032/.037; o .017/.017/.030/.056 vs
+#   .021/.021/.022/.027; gate_up .047/.062/.076/.153 vs .047/.050/.051/.071; down
+#   .023/.028/.056/.141 vs .030/.030/.031/.041; lm_head 5.10/4.48/7.55/17.6 vs
+#   7.40/8.57/8.40/9.31 (per-channel int8 there: 5.39/5.34/5.84/11.2).
 # Weight-only kernels win only while reading the weights dominates (a few rows); the
 # int8 GEMM beats oneDNN's prepacked bf16 GEMM by 10-25% from a few dozen rows on for
 # the layers, and never for the LM head (its int32 -> bf16 rescale of [M, 262144]
@@ -316,12 +267,12 @@ def _d(*steps: tuple[int, str]) -> Dispatch:
 # bf16 with only that role on w8a8: down +0.014, qkv +0.007, gate_up +0.006, o +0.001)
 # for the smallest time saved (~5 ms of a ~600 ms 1,024-token prefill chunk).
 DISPATCH: dict[Quantization, dict[str, Dispatch]] = {
-    Quantization.INT8: {
-        "qkv": _d((1, "int8"), (4, "dense")),
-        "o": _d((1, "int8"), (8, "dense")),
-        "gate_up": _d((1, "int8"), (4, "dense")),
-        "down": _d((1, "int8"), (4, "dense")),
-        "lm_head": _d((1, "int8"), (8, "dense")),
+    Quantization.INT8: {  # int8g measured separately (bench/quant_kernels.py, M = 1/2/4/8)
+        "qkv": _d((1, "int8g"), (3, "dense")),
+        "o": _d((1, "int8g"), (3, "dense")),
+        "gate_up": _d((1, "int8g"), (2, "dense")),
+        "down": _d((1, "int8g"), (3, "dense")),
+        "lm_head": _d((1, "int8g"), (5, "dense")),
     },
     Quantization.INT4: {
         "qkv": _d((1, "int4"), (4, "dense")),
@@ -380,14 +331,16 @@ class QuantLinear:
         return kernel(x2).reshape(*lead, self.out_features)
 
 
-PackedWeights = Int8Weights | Int4Weights
+PackedWeights = Int8Weights | Int8GroupWeights | Int4Weights
 
 
 def quantize_weight(mode: Quantization, w: torch.Tensor) -> PackedWeights:
-    """The packed weights of `mode` for w [N, K] (int8 and w8a8 share one format)."""
+    """The packed weights of `mode` for w [N, K]."""
     if mode is Quantization.INT4:
         return Int4Weights.quantize(w)
-    if mode in (Quantization.INT8, Quantization.W8A8):
+    if mode is Quantization.INT8:
+        return Int8GroupWeights.quantize(w)
+    if mode is Quantization.W8A8:
         return Int8Weights.quantize(w)
     raise ValueError(f"mode {mode} has no packed weights")
 
@@ -398,7 +351,8 @@ def make_quant_linear(mode: Quantization, role: str, packed: PackedWeights,
 
     Only the kernels its dispatch names are built: the dense one holds a model-dtype
     copy of the dequantized weights. Off the CPU every row count runs dense (the
-    weight-only CPU kernels do not exist there).
+    weight-only CPU kernels do not exist there), and so does a plan naming "int8g"
+    when swakv's C++ kernels are unavailable.
     """
     plan = DISPATCH[mode][role]
     if isinstance(packed, Int4Weights):
@@ -406,11 +360,12 @@ def make_quant_linear(mode: Quantization, role: str, packed: PackedWeights,
         device = packed.packed.device
     else:
         (n, k), device = packed.qweight.shape, packed.qweight.device
-    if device.type != "cpu":
+    if device.type != "cpu" or ("int8g" in plan.kernels and not cpu_kernels_available()):
         plan = Dispatch(((1, "dense"),))
     makers: dict[str, Callable[[], Kernel]] = {
         "dense": lambda: DenseKernel(packed.dequantize(dtype), dtype, prepack),
         "int8": lambda: Int8WeightOnlyKernel(packed, dtype),  # type: ignore[arg-type]
+        "int8g": lambda: Int8GroupKernel(packed, dtype),  # type: ignore[arg-type]
         "int4": lambda: Int4WeightOnlyKernel(packed, dtype),  # type: ignore[arg-type]
         "w8a8": lambda: W8A8Kernel(packed, dtype),  # type: ignore[arg-type]
     }

@@ -4,8 +4,8 @@ Layout: `<dir>/<format>-<digest[:16]>.safetensors`, where
 - `<dir>` is `<model dir>/quant/` when the model directory lives under swakv's cache
   (`loader.cache_dir()`, e.g. a converted GGUF), else `cache_dir()/quant/` (swakv never
   writes into a user's model directory);
-- `<format>` names the packed format: "int8" (shared by modes int8 and w8a8, which use
-  the same weights) or "int4-g<group size>";
+- `<format>` names the packed format: "int8-g<group size>" (mode int8), "int8" (per
+  output channel, mode w8a8) or "int4-g<group size>";
 - `<digest>` is the sha256 of the format version, the format and every source tensor
   (name, dtype, shape and bytes, in name order).
 The file holds, per linear name, the plain tensors of its packed weights
@@ -28,7 +28,9 @@ import torch
 
 from swakv.model.quant import (
     INT4_GROUP_SIZE,
+    INT8_GROUP_SIZE,
     Int4Weights,
+    Int8GroupWeights,
     Int8Weights,
     PackedWeights,
     Quantization,
@@ -42,7 +44,9 @@ log = logging.getLogger("swakv.model")
 def packed_format(mode: Quantization) -> str:
     if mode is Quantization.INT4:
         return f"int4-g{INT4_GROUP_SIZE}"
-    if mode in (Quantization.INT8, Quantization.W8A8):
+    if mode is Quantization.INT8:
+        return f"int8-g{INT8_GROUP_SIZE}"
+    if mode is Quantization.W8A8:
         return "int8"
     raise ValueError(f"mode {mode} has no packed weights")
 
@@ -101,6 +105,9 @@ def _expected_shapes(mode: Quantization, w: torch.Tensor) -> dict[str, tuple[tor
         g = k // INT4_GROUP_SIZE
         return {"packed": (torch.uint8, (n, k // 2)), "scales": (torch.float32, (n, g)),
                 "zeros": (torch.float32, (n, g))}
+    if mode is Quantization.INT8:
+        return {"qweight": (torch.int8, (n, k)),
+                "scales": (torch.float32, (n, k // INT8_GROUP_SIZE))}
     return {"qweight": (torch.int8, (n, k)), "scales": (torch.float32, (n,))}
 
 
@@ -135,6 +142,9 @@ def _read(path: Path, mode: Quantization, fmt: str, digest: str,
     if mode is Quantization.INT4:
         return {lin: Int4Weights(tensors[f"{lin}.packed"], tensors[f"{lin}.scales"],
                                  tensors[f"{lin}.zeros"], INT4_GROUP_SIZE) for lin in expected}
+    if mode is Quantization.INT8:
+        return {lin: Int8GroupWeights(tensors[f"{lin}.qweight"], tensors[f"{lin}.scales"],
+                                      INT8_GROUP_SIZE) for lin in expected}
     return {lin: Int8Weights(tensors[f"{lin}.qweight"], tensors[f"{lin}.scales"])
             for lin in expected}
 

@@ -26,7 +26,7 @@ from swakv.model.tokenizer import Tokenizer
 pytestmark = pytest.mark.slow
 
 BOUNDS = {"int8": (0.90, 0.02), "int4": (0.70, 0.4), "w8a8": (0.85, 0.05)}  # top-1, KL
-SMALL_KERNEL = {"int8": "int8", "int4": "int4", "w8a8": "int8"}
+SMALL_KERNEL = {"int8": "int8g", "int4": "int4", "w8a8": "int8"}
 LARGE_KERNEL = {"int8": "dense", "int4": "dense", "w8a8": "w8a8"}
 NEW_TOKENS = 32
 
@@ -66,4 +66,4 @@ def test_quantized_modes_track_float32(tmp_path: Path, monkeypatch: pytest.Monke
             if s.top1 < min_top1 or s.kl_mean > max_kl:
                 failures.append(f"{mode}/{path}")
     assert not failures, f"out of bounds: {failures}\n{table}"
-    assert len(list((tmp_path / "quant").iterdir())) == 2  # int8 (shared with w8a8), int4
+    assert len(list((tmp_path / "quant").iterdir())) == 3  # int8-g32, int8 (w8a8), int4-g32

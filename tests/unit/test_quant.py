@@ -11,6 +11,7 @@ import torch
 
 from swakv.config import QUANTIZATION_MODES, EngineConfig, KVLayout
 from swakv.engine.runner import BatchItem, ModelRunner
+from swakv.kernels.cpu_build import cpu_kernels_available
 from swakv.memory import KVPool, ReqTable, SWAAllocator
 from swakv.model import quant_cache
 from swakv.model.gemma3 import Gemma3Model
@@ -18,11 +19,14 @@ from swakv.model.loader import load_model_dir
 from swakv.model.quant import (
     DISPATCH,
     INT4_GROUP_SIZE,
+    INT8_GROUP_SIZE,
     LINEAR_ROLES,
     DenseKernel,
     Dispatch,
     Int4WeightOnlyKernel,
     Int4Weights,
+    Int8GroupKernel,
+    Int8GroupWeights,
     Int8WeightOnlyKernel,
     Int8Weights,
     Quantization,
@@ -37,6 +41,12 @@ from swakv.model.quant_cache import cache_path, load_or_quantize, packed_format,
 from swakv.model.testing import make_tiny_gemma3_dir
 
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels() -> None:
+    """int8's grouped kernel is one of swakv's C++ kernels, which must build here."""
+    assert cpu_kernels_available(), "the C++ kernels must build on this machine"
 
 
 def _rand(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
@@ -77,6 +87,35 @@ def test_int8_quantize_zero_row_and_error_bound() -> None:
     assert int(packed.qweight.abs().max()) == 127
     err = (packed.dequantize() - w).abs()
     assert bool((err <= packed.scales[:, None] / 2 + 1e-7).all())
+
+
+@pytest.mark.parametrize("levels", [127, 32, 16, 8])  # Q8_0, Q6_K, Q5_0, Q4_0 blocks
+def test_int8_group_quantize_keeps_gguf_block_grids_exactly(levels: int) -> None:
+    """Each group of 32 on a block grid d * q, q in [-levels, levels - 1] (GGUF's
+    symmetric blocks; Q8_0 uses [-127, 127]), with its own d, round-trips exactly."""
+    n, k, g = 6, 4 * INT8_GROUP_SIZE, INT8_GROUP_SIZE
+    gen = torch.Generator().manual_seed(20 + levels)
+    hi = levels if levels == 127 else levels - 1
+    q = torch.randint(-levels, hi + 1, (n, k), generator=gen)
+    q[:, ::g] = -levels  # every group reaches the grid's end
+    d = (torch.rand(n, k // g, generator=gen) * 0.1 + 1e-3).half().float()  # GGUF: fp16 d
+    w = (q.float().view(n, k // g, g) * d[..., None]).view(n, k)
+    packed = Int8GroupWeights.quantize(w)
+    assert packed.scales.shape == (n, k // g)
+    assert torch.equal(packed.dequantize(), w)
+
+
+def test_int8_group_quantize_error_bound_zero_group_and_bad_group() -> None:
+    w = _rand(16, 96, seed=21)
+    w[2, 32:64] = 0
+    packed = Int8GroupWeights.quantize(w)
+    assert packed.scales[2, 1].item() == 1.0 and not packed.qweight[2, 32:64].any()
+    amax = w.view(16, 3, 32).abs().amax(-1)
+    err = (packed.dequantize() - w).abs().view(16, 3, 32).amax(-1)
+    assert bool((err <= amax / 254 + 1e-7).all())  # never worse than the plain grid
+    assert int(packed.qweight.abs().max()) <= 127
+    with pytest.raises(ValueError, match="multiple of int8 group"):
+        Int8GroupWeights.quantize(_rand(4, 48))
 
 
 def test_int4_quantize_keeps_a_16_level_grid_exactly() -> None:
@@ -128,9 +167,10 @@ def test_weight_only_kernels_match_dequantized_reference(dtype: torch.dtype, row
     x = _rand(rows, 128, seed=7).to(dtype)
     # fp32: accumulation-order error only; bf16: output rounding (2^-8 relative)
     tol = 1e-5 if dtype == torch.float32 else 8e-3
-    i8, i4 = Int8Weights.quantize(w), Int4Weights.quantize(w)
+    i8, i4, g8 = Int8Weights.quantize(w), Int4Weights.quantize(w), Int8GroupWeights.quantize(w)
     for kernel, ref_w in [
         (Int8WeightOnlyKernel(i8, dtype), i8.dequantize(dtype)),
+        (Int8GroupKernel(g8, dtype), g8.dequantize(torch.float32)),
         (Int4WeightOnlyKernel(i4, dtype), i4.dequantize(dtype)),
         (DenseKernel(i8.dequantize(dtype), dtype), i8.dequantize(dtype)),
     ]:
@@ -138,6 +178,37 @@ def test_weight_only_kernels_match_dequantized_reference(dtype: torch.dtype, row
         ref = _reference(x, ref_w)
         assert y.dtype == dtype and y.shape == (rows, 96)
         assert (y.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 7, 8, 9, 17])
+def test_int8_group_mm_every_row_block(rows: int) -> None:
+    """The C++ kernel's row blocks (1-8, then 8 at a time) and column split against a
+    float64 reference, for groups of 32 and 64 and strided rows of x."""
+    for group in (32, 64):
+        w = _rand(600, 256, seed=22, scale=0.05)
+        g8 = Int8GroupWeights.quantize(w, group_size=group)
+        x = _rand(rows, 512, seed=23)[:, :256]  # rows 512 apart
+        y = torch.ops.swakv.int8_group_mm(x, g8.qweight, g8.scales, group)
+        ref = _reference(x, g8.dequantize())
+        assert y.shape == (rows, 600) and y.dtype == torch.float32
+        assert torch.allclose(y.double(), ref.double(), rtol=0, atol=1e-5)
+
+
+def test_int8_group_mm_rejects_bad_shapes() -> None:
+    q = torch.zeros(8, 64, dtype=torch.int8)
+    s = torch.ones(8, 2)
+    x = torch.zeros(1, 64)
+    op = torch.ops.swakv.int8_group_mm
+    with pytest.raises(RuntimeError, match="matches x"):
+        op(torch.zeros(1, 32), q, s, 32)
+    with pytest.raises(RuntimeError, match="group a multiple of 16"):
+        op(x, q, s, 24)
+    with pytest.raises(RuntimeError, match="scales float32"):
+        op(x, q, torch.ones(8, 3), 32)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        op(x.half(), q, s, 32)
+    with pytest.raises(RuntimeError, match="qweight int8"):
+        op(x, q.float(), s, 32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -201,7 +272,7 @@ def test_quant_linear_runs_the_kernel_of_its_row_count() -> None:
 
 
 def test_dispatch_table_covers_every_mode_and_role() -> None:
-    allowed = {Quantization.INT8: {"int8", "dense"}, Quantization.INT4: {"int4", "dense"},
+    allowed = {Quantization.INT8: {"int8g", "dense"}, Quantization.INT4: {"int4", "dense"},
                Quantization.W8A8: {"int8", "dense", "w8a8"}}
     assert set(DISPATCH) == set(allowed)
     for mode, table in DISPATCH.items():
@@ -214,7 +285,8 @@ def test_dispatch_table_covers_every_mode_and_role() -> None:
 @pytest.mark.parametrize("mode", [Quantization.INT8, Quantization.INT4, Quantization.W8A8])
 def test_make_quant_linear_builds_only_dispatched_kernels(mode: Quantization) -> None:
     w = _rand(64, 128, seed=10, scale=0.05)
-    packed = (Int4Weights if mode is Quantization.INT4 else Int8Weights).quantize(w)
+    fmt = {Quantization.INT4: Int4Weights, Quantization.INT8: Int8GroupWeights}
+    packed = fmt.get(mode, Int8Weights).quantize(w)
     for role in LINEAR_ROLES:
         lin = make_quant_linear(mode, role, packed, torch.bfloat16)
         assert set(lin.kernels) == set(DISPATCH[mode][role].kernels)
@@ -270,10 +342,16 @@ def test_cache_second_load_reads_the_file(tmp_path: Path, mode: Quantization,
     assert _equal(load_or_quantize(mode, sources, tmp_path), first)
 
 
-def test_cache_is_shared_by_int8_and_w8a8(tmp_path: Path) -> None:
+def test_cache_keeps_int8_and_w8a8_formats_apart(tmp_path: Path) -> None:
+    """int8 (grouped scales) and w8a8 (per-channel scales) hold different weights."""
     a = load_or_quantize(Quantization.INT8, _sources(), tmp_path)
     b = load_or_quantize(Quantization.W8A8, _sources(), tmp_path)
-    assert _equal(a, b) and len(list(tmp_path.iterdir())) == 1
+    assert packed_format(Quantization.INT8) == "int8-g32"
+    assert packed_format(Quantization.W8A8) == "int8"
+    assert isinstance(a["lm_head"], Int8GroupWeights) and isinstance(b["lm_head"], Int8Weights)
+    assert a["lm_head"].scales.shape == (64, 2) and b["lm_head"].scales.shape == (64,)
+    assert len(list(tmp_path.iterdir())) == 2
+    assert _equal(load_or_quantize(Quantization.INT8, _sources(), tmp_path), a)
 
 
 def test_cache_corrupt_file_is_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -300,8 +378,8 @@ def test_cache_stale_file_is_rebuilt(tmp_path: Path, damage: str,
     fresh = load_or_quantize(Quantization.INT8, sources, tmp_path)
     path = next(tmp_path.iterdir())
     tensors = load_file(str(path))
-    meta = {"format_version": quant_cache.FORMAT_VERSION, "format": "int8",
-            "digest": source_digest("int8", sources)}
+    meta = {"format_version": quant_cache.FORMAT_VERSION, "format": "int8-g32",
+            "digest": source_digest("int8-g32", sources)}
     if damage == "metadata":
         meta["format_version"] = "0"
     elif damage == "shape":
@@ -397,7 +475,7 @@ def test_quantized_model_kernels_agree_and_track_fp32(tiny, mode: str) -> None:
     exact = _logits(Gemma3Model(tiny.spec, tiny.weights, torch.float32), torch.float32, ids)
     model = Gemma3Model(tiny.spec, tiny.weights, torch.float32, quantization=mode)
     per_kernel = {}
-    for name in ("int8", "int4", "dense", "w8a8"):
+    for name in ("int8", "int8g", "int4", "dense", "w8a8"):
         if not all(name in lin.kernels for lin in model.linears.values()):
             continue
         for lin in model.linears.values():
