@@ -1,4 +1,5 @@
-"""Build the C++ CPU kernels (attention, grouped int8 matmul) once and load them as `torch.ops.swakv.*`.
+"""Build the C++ CPU kernels (attention, grouped int8 matmul) once and load them as
+`torch.ops.swakv.*`.
 
 The shared library is compiled with the system C++ compiler (`$CXX`, default `c++`;
 no ninja or pybind needed) into `~/.cache/swakv/kernels/<key>/` (override the root

@@ -12,7 +12,9 @@ activations, vLLM's and SGLang's name for that scheme):
           w ~ (q - 8) * s + z, q in [0, 15] (torch's tinygemm convention)
     w8a8  int8 weights per output channel (w ~ q * s[n]) times int8 activations
           quantized per token on the fly (x ~ qx * sx, sx = max|x_row| / 127), int32
-          accumulation (torch._int_mm cannot apply per-group weight scales)
+          accumulation, for the roles whose large batches run that kernel
+          (torch._int_mm cannot apply per-group weight scales); the other roles
+          (down, LM head) hold int8's grouped weights (`weight_format`)
 
 No quantized mode is exact. In every mode the quantized weights ARE the weights: each
 linear holds one set of effective weights, and the dispatch only picks the kernel
@@ -285,8 +287,8 @@ DISPATCH: dict[Quantization, dict[str, Dispatch]] = {
         "qkv": _d((1, "int8"), (4, "dense"), (64, "w8a8")),
         "o": _d((1, "int8"), (8, "dense"), (256, "w8a8")),
         "gate_up": _d((1, "int8"), (4, "dense"), (32, "w8a8")),
-        "down": _d((1, "int8"), (4, "dense")),  # see below: w8a8 costs most there
-        "lm_head": _d((1, "int8"), (8, "dense")),
+        "down": _d((1, "int8g"), (3, "dense")),  # see below: w8a8 costs most there
+        "lm_head": _d((1, "int8g"), (5, "dense")),
     },
 }
 
@@ -334,15 +336,33 @@ class QuantLinear:
 PackedWeights = Int8Weights | Int8GroupWeights | Int4Weights
 
 
-def quantize_weight(mode: Quantization, w: torch.Tensor) -> PackedWeights:
-    """The packed weights of `mode` for w [N, K]."""
+def weight_format(mode: Quantization, role: str) -> str:
+    """The packed format a linear of `role` holds in `mode`: "int4", "int8g" (grouped
+    int8) or "int8" (per output channel: the only one torch._int_mm can rescale, so
+    w8a8 uses it exactly for the roles whose dispatch runs its w8a8 kernel, and
+    grouped int8, closer to the source weights, for the others)."""
     if mode is Quantization.INT4:
-        return Int4Weights.quantize(w)
+        return "int4"
     if mode is Quantization.INT8:
-        return Int8GroupWeights.quantize(w)
+        return "int8g"
     if mode is Quantization.W8A8:
-        return Int8Weights.quantize(w)
+        return "int8" if "w8a8" in DISPATCH[mode][role].kernels else "int8g"
     raise ValueError(f"mode {mode} has no packed weights")
+
+
+def role_of(name: str) -> str:
+    """The role (one of LINEAR_ROLES) of a linear named "lm_head" / "layers.{i}.{role}"."""
+    return name.rsplit(".", 1)[-1]
+
+
+def quantize_weight(mode: Quantization, role: str, w: torch.Tensor) -> PackedWeights:
+    """The packed weights of a linear of `role` in `mode` for w [N, K]."""
+    fmt = weight_format(mode, role)
+    if fmt == "int4":
+        return Int4Weights.quantize(w)
+    if fmt == "int8g":
+        return Int8GroupWeights.quantize(w)
+    return Int8Weights.quantize(w)
 
 
 def make_quant_linear(mode: Quantization, role: str, packed: PackedWeights,
@@ -390,6 +410,6 @@ def build_linears(
     cache = quant_cache_dir(weights_dir) if weights_dir is not None else None
     packed = load_or_quantize(mode, sources, cache)
     return {
-        name: make_quant_linear(mode, name.rsplit(".", 1)[-1], p, dtype, prepack)
+        name: make_quant_linear(mode, role_of(name), p, dtype, prepack)
         for name, p in packed.items()
     }

@@ -4,8 +4,9 @@ Layout: `<dir>/<format>-<digest[:16]>.safetensors`, where
 - `<dir>` is `<model dir>/quant/` when the model directory lives under swakv's cache
   (`loader.cache_dir()`, e.g. a converted GGUF), else `cache_dir()/quant/` (swakv never
   writes into a user's model directory);
-- `<format>` names the packed format: "int8-g<group size>" (mode int8), "int8" (per
-  output channel, mode w8a8) or "int4-g<group size>";
+- `<format>` names the mode's packed formats: "int8-g<group size>" (int8),
+  "w8a8-g<group size>" (per output channel int8 where the w8a8 kernel runs, grouped
+  int8 elsewhere: `quant.weight_format`) or "int4-g<group size>";
 - `<digest>` is the sha256 of the format version, the format and every source tensor
   (name, dtype, shape and bytes, in name order).
 The file holds, per linear name, the plain tensors of its packed weights
@@ -35,6 +36,8 @@ from swakv.model.quant import (
     PackedWeights,
     Quantization,
     quantize_weight,
+    role_of,
+    weight_format,
 )
 
 FORMAT_VERSION = "1"  # bump when quantization or the file layout changes
@@ -47,7 +50,7 @@ def packed_format(mode: Quantization) -> str:
     if mode is Quantization.INT8:
         return f"int8-g{INT8_GROUP_SIZE}"
     if mode is Quantization.W8A8:
-        return "int8"
+        return f"w8a8-g{INT8_GROUP_SIZE}"
     raise ValueError(f"mode {mode} has no packed weights")
 
 
@@ -85,27 +88,33 @@ def load_or_quantize(
     matches the sources, else quantizes and writes the file. Without, quantizes.
     """
     if cache is None:
-        return {name: quantize_weight(mode, w) for name, w in sources.items()}
+        return _quantize_all(mode, sources)
     fmt = packed_format(mode)
     digest = source_digest(fmt, sources)
     path = cache_path(cache, fmt, digest)
-    expected = {name: _expected_shapes(mode, w) for name, w in sources.items()}
+    expected = {name: _expected_shapes(weight_format(mode, role_of(name)), w)
+                for name, w in sources.items()}
     if path.is_file():
         packed = _read(path, mode, fmt, digest, expected)
         if packed is not None:
             return packed
-    packed = {name: quantize_weight(mode, w) for name, w in sources.items()}
+    packed = _quantize_all(mode, sources)
     _write(path, fmt, digest, packed)
     return packed
 
 
-def _expected_shapes(mode: Quantization, w: torch.Tensor) -> dict[str, tuple[torch.dtype, tuple]]:
+def _quantize_all(mode: Quantization, sources: Mapping[str, torch.Tensor]
+                  ) -> dict[str, PackedWeights]:
+    return {name: quantize_weight(mode, role_of(name), w) for name, w in sources.items()}
+
+
+def _expected_shapes(weight_fmt: str, w: torch.Tensor) -> dict[str, tuple[torch.dtype, tuple]]:
     n, k = w.shape
-    if mode is Quantization.INT4:
+    if weight_fmt == "int4":
         g = k // INT4_GROUP_SIZE
         return {"packed": (torch.uint8, (n, k // 2)), "scales": (torch.float32, (n, g)),
                 "zeros": (torch.float32, (n, g))}
-    if mode is Quantization.INT8:
+    if weight_fmt == "int8g":
         return {"qweight": (torch.int8, (n, k)),
                 "scales": (torch.float32, (n, k // INT8_GROUP_SIZE))}
     return {"qweight": (torch.int8, (n, k)), "scales": (torch.float32, (n,))}
@@ -139,14 +148,17 @@ def _read(path: Path, mode: Quantization, fmt: str, digest: str,
                 log.warning("quantized weights %s: %s.%s is %s %s, expected %s %s; rebuilding",
                             path, lin, field, t.dtype, tuple(t.shape), dtype, shape)
                 return None
-    if mode is Quantization.INT4:
-        return {lin: Int4Weights(tensors[f"{lin}.packed"], tensors[f"{lin}.scales"],
-                                 tensors[f"{lin}.zeros"], INT4_GROUP_SIZE) for lin in expected}
-    if mode is Quantization.INT8:
-        return {lin: Int8GroupWeights(tensors[f"{lin}.qweight"], tensors[f"{lin}.scales"],
-                                      INT8_GROUP_SIZE) for lin in expected}
-    return {lin: Int8Weights(tensors[f"{lin}.qweight"], tensors[f"{lin}.scales"])
-            for lin in expected}
+    return {lin: _packed(weight_format(mode, role_of(lin)), lin, tensors) for lin in expected}
+
+
+def _packed(weight_fmt: str, lin: str, tensors: Mapping[str, torch.Tensor]) -> PackedWeights:
+    if weight_fmt == "int4":
+        return Int4Weights(tensors[f"{lin}.packed"], tensors[f"{lin}.scales"],
+                           tensors[f"{lin}.zeros"], INT4_GROUP_SIZE)
+    if weight_fmt == "int8g":
+        return Int8GroupWeights(tensors[f"{lin}.qweight"], tensors[f"{lin}.scales"],
+                                INT8_GROUP_SIZE)
+    return Int8Weights(tensors[f"{lin}.qweight"], tensors[f"{lin}.scales"])
 
 
 def _write(path: Path, fmt: str, digest: str, packed: Mapping[str, PackedWeights]) -> None:
