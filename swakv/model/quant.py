@@ -138,7 +138,14 @@ class Int8WeightOnlyKernel:
         self.scales = w.scales.to(dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.data_ptr() % _ALIGN:
+            # torch 2.13's CPU kernel faults (aligned vector loads) on an x that is 16-
+            # but not 32-byte aligned, e.g. a row slice; a fresh copy is 64-aligned
+            x = x.clone()
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+
+
+_ALIGN = 64  # bytes: torch's CPU allocator aligns every fresh tensor to this
 
 
 class Int8GroupKernel:

@@ -182,6 +182,21 @@ def test_weight_only_kernels_match_dequantized_reference(dtype: torch.dtype, row
         assert (y.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("offset", [1, 8, 16, 32])
+def test_weight_only_kernels_take_unaligned_rows(offset: int) -> None:
+    """x starting `offset` bf16 elements into a buffer (a row slice, say): torch's
+    _weight_int8pack_mm faults on 16-byte-aligned x unless the kernel realigns it."""
+    w = _rand(640, 1024, seed=24, scale=0.05)
+    buf = _rand(3 * 1024 + 64, seed=25).to(torch.bfloat16)
+    x = buf[offset : offset + 3 * 1024].view(3, 1024)
+    for packed, kernel_type in [(Int8Weights.quantize(w), Int8WeightOnlyKernel),
+                                (Int8GroupWeights.quantize(w), Int8GroupKernel),
+                                (Int4Weights.quantize(w), Int4WeightOnlyKernel)]:
+        y = kernel_type(packed, torch.bfloat16)(x)  # type: ignore[arg-type]
+        ref = _reference(x, packed.dequantize(torch.bfloat16))
+        assert (y.float() - ref).abs().max().item() <= 8e-3 * ref.abs().max().item()
+
+
 @pytest.mark.parametrize("rows", [0, 1, 2, 7, 8, 9, 17])
 def test_int8_group_mm_every_row_block(rows: int) -> None:
     """The C++ kernel's row blocks (1-8, then 8 at a time) and column split against a
