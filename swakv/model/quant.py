@@ -134,15 +134,20 @@ class Int8WeightOnlyKernel:
     """`aten._weight_int8pack_mm`: x (bf16/fp32) times int8 weights, scales in x's dtype."""
 
     def __init__(self, w: Int8Weights, dtype: torch.dtype) -> None:
-        self.qweight = w.qweight
-        self.scales = w.scales.to(dtype)
+        self.qweight = _aligned(w.qweight)
+        self.scales = _aligned(w.scales.to(dtype))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.data_ptr() % _ALIGN:
-            # torch 2.13's CPU kernel faults (aligned vector loads) on an x that is 16-
-            # but not 32-byte aligned, e.g. a row slice; a fresh copy is 64-aligned
-            x = x.clone()
-        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+        return torch.ops.aten._weight_int8pack_mm(_aligned(x), self.qweight, self.scales)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its data is _ALIGN-byte aligned, else a fresh (aligned) copy.
+
+    torch 2.13's CPU `_weight_int8pack_mm` uses aligned vector loads: it faulted on
+    weights read from the safetensors cache (whose tensors sit at any offset in the
+    file) and on a 16- but not 32-byte-aligned x (tests/unit/test_quant.py)."""
+    return t if t.data_ptr() % _ALIGN == 0 else t.clone()
 
 
 _ALIGN = 64  # bytes: torch's CPU allocator aligns every fresh tensor to this
@@ -185,7 +190,7 @@ class W8A8Kernel:
     """
 
     def __init__(self, w: Int8Weights, dtype: torch.dtype) -> None:
-        self.qweight_t = w.qweight.t()  # [K, N] view: _int_mm takes it as is
+        self.qweight_t = _aligned(w.qweight).t()  # [K, N] view: _int_mm takes it as is
         self.scales = w.scales.to(dtype).float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

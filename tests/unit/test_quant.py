@@ -197,6 +197,19 @@ def test_weight_only_kernels_take_unaligned_rows(offset: int) -> None:
         assert (y.float() - ref).abs().max().item() <= 8e-3 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("offset", [1, 8, 16, 32])
+def test_int8_weight_only_kernel_takes_unaligned_weights(offset: int) -> None:
+    """Weights at any offset (as the safetensors cache file returns them) work."""
+    w = Int8Weights.quantize(_rand(640, 1024, seed=26, scale=0.05))
+    qbuf = torch.zeros(640 * 1024 + 64, dtype=torch.int8)
+    qbuf[offset : offset + 640 * 1024] = w.qweight.view(-1)
+    moved = Int8Weights(qbuf[offset : offset + 640 * 1024].view(640, 1024), w.scales)
+    x = _rand(7, 1024, seed=27).to(torch.bfloat16)
+    y = Int8WeightOnlyKernel(moved, torch.bfloat16)(x)
+    ref = _reference(x, w.dequantize(torch.bfloat16))
+    assert (y.float() - ref).abs().max().item() <= 8e-3 * ref.abs().max().item()
+
+
 @pytest.mark.parametrize("rows", [0, 1, 2, 7, 8, 9, 17])
 def test_int8_group_mm_every_row_block(rows: int) -> None:
     """The C++ kernel's row blocks (1-8, then 8 at a time) and column split against a
