@@ -26,16 +26,17 @@ beyond float rounding. Activations are quantized only by the w8a8 kernel, which
 on its per-channel int8 weights.
 
 Quality (bench/quant_quality.py: 32 prompts x 64 tokens teacher-forced on the
-float32 greedy continuation; top-1 agreement / mean KL vs float32): with float32
-activations int8 99.2% / 0.0003 (per output channel, the earlier format, 96.4% /
-0.0036: one scale per 640-wide row cannot follow the GGUF's per-32 block scales);
-with bf16 activations bf16 none 98.2% / 0.0006, int8 97.9% / 0.0009 (bf16 rounding
-of the activations is what stops it short of 99%), w8a8 94.8% / 0.015 on its
-large-batch path, int4 84.5% / 0.17. The default model's weights are already 4-8-bit
-GGUF values (q/k/v and gate/up Q5_0, o Q4_K, down Q4_K / Q6_K, embedding Q8_0): int4
-keeps the Q4_K ones almost exactly (groups of 32 match Q4_K's sub-blocks) but must
-drop a bit of every Q5_0 value, which no data-free rounding recovers (an MSE-searched
-clipping range gained under 10%; q/k/v and gate/up in int8 instead: 90.1%).
+float32 greedy continuation; top-1 agreement / mean KL vs float32, small-batch /
+large-batch path): with float32 activations int8 99.17% / 0.0003 (per output channel,
+the earlier format, 96.4% / 0.0036: one scale per 640-wide row cannot follow the
+GGUF's per-32 block scales); with bf16 activations bf16 none 98.1% / 0.0007, int8
+98.3 / 98.0% / 0.0009 (bf16 rounding of the activations is what stops it short of
+99%), w8a8 97.4 / 95.2% / 0.002 / 0.013, int4 84.4% / 0.17. The default model's
+weights are already 4-8-bit GGUF values (q/k/v and gate/up Q5_0, o Q4_K, down Q4_K /
+Q6_K, embedding Q8_0): int4 must drop a bit of every Q5_0 value and four of every
+Q8_0 one, which no data-free rounding recovers (an MSE-searched clipping range gained
+under 10%; q/k/v and gate/up in per-channel int8 instead: 90.1%; only the LM head in
+int4, the rest grouped int8: 91.3%).
 
 Memory: the dense copies are kept because every role's dispatch needs them, so
 `int8` / `int4` / `w8a8` hold the packed weights in addition to what `none` holds
