@@ -33,11 +33,14 @@ Registered as torch ops in namespace `swakv`:
   [N, K / group], group) -> [M, N] in x's dtype`: weight-only int8 with one scale per
   `group` input columns (group a multiple of 16 dividing K), fp32 sums (see
   `swakv.kernels.quant_src`).
+- `rms_norm_bf16(x bf16 [T, D] or [T, H, D] (unit last stride), weight float32 [D],
+  [1, D] or [H, D], eps) -> bf16, same shape, contiguous`: Gemma's RMSNorm in fp32
+  (x * rsqrt(mean(x^2) + eps) * weight[h]), rounded once to bf16.
 """
 
 from swakv.kernels.decode_src import DECODE_SOURCE
 from swakv.kernels.extend_src import EXTEND_SOURCE
-from swakv.kernels.quant_src import QUANT_SOURCE
+from swakv.kernels.quant_src import NORM_SOURCE, QUANT_SOURCE
 
 # includes and helpers shared by both kernel families; opens the anonymous namespace
 COMMON_SOURCE = r"""
@@ -154,6 +157,7 @@ TORCH_LIBRARY(swakv, m) {
   m.def("qk_scores_bf16(Tensor q, Tensor packed, int key_lo, int key_hi) -> Tensor");
   m.def("bf16_dot_supported() -> bool");
   m.def("int8_group_mm(Tensor x, Tensor qweight, Tensor scales, int group) -> Tensor");
+  m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(swakv, CPU, m) {
@@ -162,6 +166,7 @@ TORCH_LIBRARY_IMPL(swakv, CPU, m) {
   m.impl("pack_keys_bf16", &pack_keys_bf16);
   m.impl("qk_scores_bf16", &qk_scores_bf16);
   m.impl("int8_group_mm", &int8_group_mm);
+  m.impl("rms_norm_bf16", &rms_norm_bf16);
 }
 
 TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {
@@ -169,5 +174,5 @@ TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {
 }
 """
 
-SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, QUANT_SOURCE,
+SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, QUANT_SOURCE, NORM_SOURCE,
                     REGISTRATION_SOURCE))

@@ -1,4 +1,5 @@
-"""C++ source of `swakv.int8_group_mm` (contract in `swakv.kernels.paged_attention_src`).
+"""C++ sources of `swakv.int8_group_mm` and `swakv.rms_norm_bf16` (contracts in
+`swakv.kernels.paged_attention_src`).
 
 y[m, n] = sum_g scales[n, g] * sum_{k in group g} qweight[n, k] * x[m, k], with the
 group sums and the total in fp32. Weight-only: x stays in its float dtype (bf16 inputs
@@ -97,5 +98,43 @@ at::Tensor int8_group_mm(const at::Tensor& x, const at::Tensor& qweight, const a
                   yd + m0 * N, N);
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+"""
+
+# RMSNorm rows for bf16 models (registered beside the matmul kernel; see gemma3.rms_norm).
+NORM_SOURCE = r"""
+// out[t, h, :] = bf16(x[t, h, :] * rsqrt(mean(x[t, h, :]^2) + eps) * w[h % W, :]), fp32 math
+at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps_d) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && (x.dim() == 2 || x.dim() == 3) &&
+              x.stride(-1) == 1, "x bf16 [T, D] or [T, H, D] with unit last stride");
+  const at::Tensor x3 = x.dim() == 2 ? x.unsqueeze(1) : x;
+  const int64_t T = x3.size(0), H = x3.size(1), D = x3.size(2);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+              weight.size(-1) == D && (weight.dim() == 1 || (weight.dim() == 2 &&
+              (weight.size(0) == H || weight.size(0) == 1))),
+              "weight float32 [D], [1, D] or [H, D] contiguous");
+  const int64_t W = weight.dim() == 1 ? 1 : weight.size(0);
+  at::Tensor out = at::empty({T, H, D}, x.options());
+  const c10::BFloat16* xd = x3.data_ptr<c10::BFloat16>();
+  const float* wd = weight.data_ptr<float>();
+  c10::BFloat16* od = out.data_ptr<c10::BFloat16>();
+  const int64_t st = x3.stride(0), sh = x3.stride(1);
+  const float eps = static_cast<float>(eps_d);
+  at::parallel_for(0, T * H, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r / H, h = r % H;
+      load_row(xd + t * st + h * sh, row.data(), D);
+      float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < D; ++j) ss += row[j] * row[j];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+      const float* w = wd + (h % W) * D;
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) row[j] = row[j] * inv * w[j];
+      store_row(row.data(), od + r * D, D);
+    }
+  });
+  return x.dim() == 2 ? out.squeeze(1) : out;
 }
 """

@@ -17,14 +17,17 @@ gate/up projections are fused into one matmul each.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from swakv.config import AttentionSpec, ModelSpec
+from swakv.kernels.cpu_build import cpu_kernels_available
 from swakv.memory.kv_pool import KVPool
 from swakv.model.attention import AttentionMetadata, attend
 from swakv.model.quant import DenseKernel, Quantization, QuantLinear, build_linears, mkldnn_bf16
@@ -35,9 +38,19 @@ def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torc
     """Gemma RMSNorm over the last dim, in fp32, then cast back to x's dtype.
 
     `weight_plus_one` is fp32 (1 + w), of shape [dim] or broadcastable to x. F.rms_norm
-    without weight computes HF's `x * rsqrt(mean(x^2) + eps)` with the same bits.
+    without weight computes HF's `x * rsqrt(mean(x^2) + eps)` with the same bits; that
+    path is kept for float32 (the exact reference). bf16 CPU tensors take swakv's fused
+    kernel (`swakv.rms_norm_bf16`: the same fp32 arithmetic in one pass instead of four
+    ops, which dominate at small batches; its fp32 sum may round differently by an ulp).
     """
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _fused_norm():
+        return torch.ops.swakv.rms_norm_bf16(x, weight_plus_one, eps)
     return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight_plus_one).to(x.dtype)
+
+
+@cache
+def _fused_norm() -> bool:
+    return cpu_kernels_available() and not os.environ.get("SWAKV_DISABLE_FUSED_NORM")
 
 
 # Dense y = x @ W^T in the model dtype (the `none` path): bf16 weights are prepacked

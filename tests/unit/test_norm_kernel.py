@@ -1,0 +1,66 @@
+"""swakv.rms_norm_bf16 against Gemma's fp32 RMSNorm (the torch path of gemma3.rms_norm)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swakv.kernels.cpu_build import cpu_kernels_available
+from swakv.model.gemma3 import rms_norm
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernels() -> None:
+    assert cpu_kernels_available(), "the C++ kernels must build on this machine"
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """fp32 RMSNorm times w, as float64 (the value both paths round to bf16)."""
+    xd = x.double()
+    return xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+@pytest.mark.parametrize("case", ["2d", "3d_per_head", "3d_shared", "strided_heads", "empty"])
+def test_rms_norm_bf16_is_one_rounding_of_the_fp32_norm(case: str) -> None:
+    gen = torch.Generator().manual_seed(len(case))
+    eps = 1e-6
+    if case == "2d":
+        x, w = torch.randn(37, 640, generator=gen), torch.rand(640, generator=gen) + 0.5
+    elif case == "3d_per_head":
+        x, w = torch.randn(9, 5, 256, generator=gen), torch.rand(5, 256, generator=gen) + 0.5
+    elif case == "3d_shared":
+        x, w = torch.randn(9, 5, 256, generator=gen), torch.rand(1, 256, generator=gen) + 0.5
+    elif case == "strided_heads":  # q and k heads of a fused qkv row: [T, 5 of 7, D]
+        x = torch.randn(11, 7, 256, generator=gen)[:, :5]
+        w = torch.rand(5, 256, generator=gen) + 0.5
+    else:
+        x, w = torch.randn(0, 640), torch.rand(640) + 0.5
+    xb = x.to(torch.bfloat16)
+    out = torch.ops.swakv.rms_norm_bf16(xb, w, eps)
+    assert out.dtype == torch.bfloat16 and out.shape == xb.shape and out.is_contiguous()
+    ref = _reference(xb, w, eps)
+    # one rounding to bf16 of a value within fp32 error of the exact norm: <= 1 bf16 ulp
+    assert bool(((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-30).all())
+    torch_path = (F.rms_norm(xb.float(), (xb.shape[-1],), eps=eps) * w).to(torch.bfloat16)
+    if xb.numel():
+        assert (out != torch_path).float().mean().item() < 1e-3  # ulp ties only
+    assert torch.equal(rms_norm(xb, w, eps), out)  # gemma3 routes bf16 here
+
+
+def test_rms_norm_bf16_rejects_bad_inputs() -> None:
+    op = torch.ops.swakv.rms_norm_bf16
+    x = torch.zeros(2, 3, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="x bf16"):
+        op(x.float(), torch.ones(8), 1e-6)
+    with pytest.raises(RuntimeError, match="weight float32"):
+        op(x, torch.ones(2, 8), 1e-6)
+    with pytest.raises(RuntimeError, match="weight float32"):
+        op(x, torch.ones(8, dtype=torch.bfloat16), 1e-6)
+
+
+def test_float32_keeps_the_torch_path() -> None:
+    """The exact reference path: float32 never goes through the bf16 kernel."""
+    x, w = torch.randn(4, 640), torch.rand(640) + 0.5
+    expected = F.rms_norm(x, (640,), eps=1e-6) * w
+    assert torch.equal(rms_norm(x, w, 1e-6), expected)
