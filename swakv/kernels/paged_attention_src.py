@@ -36,6 +36,9 @@ Registered as torch ops in namespace `swakv`:
 - `rms_norm_bf16(x bf16 [T, D] or [T, H, D] (unit last stride), weight float32 [D],
   [1, D] or [H, D], eps) -> bf16, same shape, contiguous`: Gemma's RMSNorm in fp32
   (x * rsqrt(mean(x^2) + eps) * weight[h]), rounded once to bf16.
+- `gelu_tanh_mul_bf16(gate_up bf16 [T, 2 I], unit column stride) -> bf16 [T, I]`:
+  GELU(tanh)(gate) * up for gate = columns [0, I), up = [I, 2 I), with the roundings of
+  the same ops on bf16 tensors (GELU rounded to bf16, then the product).
 """
 
 from swakv.kernels.decode_src import DECODE_SOURCE
@@ -158,6 +161,7 @@ TORCH_LIBRARY(swakv, m) {
   m.def("bf16_dot_supported() -> bool");
   m.def("int8_group_mm(Tensor x, Tensor qweight, Tensor scales, int group) -> Tensor");
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("gelu_tanh_mul_bf16(Tensor gate_up) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(swakv, CPU, m) {
@@ -167,6 +171,7 @@ TORCH_LIBRARY_IMPL(swakv, CPU, m) {
   m.impl("qk_scores_bf16", &qk_scores_bf16);
   m.impl("int8_group_mm", &int8_group_mm);
   m.impl("rms_norm_bf16", &rms_norm_bf16);
+  m.impl("gelu_tanh_mul_bf16", &gelu_tanh_mul_bf16);
 }
 
 TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {

@@ -137,4 +137,40 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double e
   });
   return x.dim() == 2 ? out.squeeze(1) : out;
 }
+
+// out[t, j] = bf16(bf16(gelu_tanh(g)) * u), g = gate_up[t, j], u = gate_up[t, I + j]: the
+// roundings of F.gelu(gate) * up on bf16 tensors; 0.5 (1 + tanh y) = sigmoid(2 y).
+at::Tensor gelu_tanh_mul_bf16(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 2 &&
+              gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
+              "gate_up bf16 [T, 2 I] with unit column stride");
+  const int64_t T = gate_up.size(0), I = gate_up.size(1) / 2, ld = gate_up.stride(0);
+  at::Tensor out = at::empty({T, I}, gate_up.options());
+  const c10::BFloat16* gd = gate_up.data_ptr<c10::BFloat16>();
+  c10::BFloat16* od = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, T, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(I), u(I);
+    for (int64_t t = begin; t < end; ++t) {
+      load_row(gd + t * ld, g.data(), I);
+      load_row(gd + t * ld + I, u.data(), I);
+#pragma omp simd
+      for (int64_t j = 0; j < I; ++j) {
+        const float x = g[j];
+        const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        // 0.5 x (1 + tanh y) = x sigmoid(2 y), with exp only of non-positive arguments
+        const float e = exp_nonpos(-2.0f * std::fabs(y));
+        const float gelu = y >= 0.0f ? x / (1.0f + e) : x * e / (1.0f + e);
+        // round gelu to bf16 (F.gelu's output), then the product in fp32
+        uint32_t bits;
+        std::memcpy(&bits, &gelu, sizeof(bits));
+        bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+        float gelu_bf16;
+        std::memcpy(&gelu_bf16, &bits, sizeof(bits));
+        g[j] = gelu_bf16 * u[j];
+      }
+      store_row(g.data(), od + t * I, I);
+    }
+  });
+  return out;
+}
 """

@@ -43,14 +43,27 @@ def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torc
     kernel (`swakv.rms_norm_bf16`: the same fp32 arithmetic in one pass instead of four
     ops, which dominate at small batches; its fp32 sum may round differently by an ulp).
     """
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _fused_norm():
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _fused_elementwise():
         return torch.ops.swakv.rms_norm_bf16(x, weight_plus_one, eps)
     return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight_plus_one).to(x.dtype)
 
 
+def gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """GELU(tanh)(gate) * up for gate_up [T, 2 * intermediate] (gate columns first).
+
+    bf16 CPU tensors take swakv's fused kernel (`swakv.gelu_tanh_mul_bf16`: the same
+    two roundings, within one bf16 ulp of them, in one pass); float32 stays on torch."""
+    if gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu" and _fused_elementwise():
+        return torch.ops.swakv.gelu_tanh_mul_bf16(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 @cache
-def _fused_norm() -> bool:
-    return cpu_kernels_available() and not os.environ.get("SWAKV_DISABLE_FUSED_NORM")
+def _fused_elementwise() -> bool:
+    """Whether bf16 norms and GELU * up use swakv's C++ kernels (SWAKV_DISABLE_FUSED=1:
+    torch ops, for A/B measurements)."""
+    return cpu_kernels_available() and not os.environ.get("SWAKV_DISABLE_FUSED")
 
 
 # Dense y = x @ W^T in the model dtype (the `none` path): bf16 weights are prepacked
@@ -195,8 +208,7 @@ class Gemma3Model:
             a = attend(layer_id, q, k, v, plan, kv_pool, self.scale, self.attn_softcap)
             h = h + rms_norm(layer.o(a), layer.post_attn_norm, eps)
             x = rms_norm(h, layer.pre_ff_norm, eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            m = layer.down(F.gelu(gate, approximate="tanh") * up)
+            m = layer.down(gelu_mul(layer.gate_up(x)))
             h = h + rms_norm(m, layer.post_ff_norm, eps)
         return h
 

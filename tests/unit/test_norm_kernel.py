@@ -1,4 +1,5 @@
-"""swakv.rms_norm_bf16 against Gemma's fp32 RMSNorm (the torch path of gemma3.rms_norm)."""
+"""swakv.rms_norm_bf16 and swakv.gelu_tanh_mul_bf16 against the ops they fuse (the
+torch paths of gemma3.rms_norm and gemma3.gelu_mul)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from swakv.kernels.cpu_build import cpu_kernels_available
-from swakv.model.gemma3 import rms_norm
+from swakv.model.gemma3 import gelu_mul, rms_norm
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,3 +65,27 @@ def test_float32_keeps_the_torch_path() -> None:
     x, w = torch.randn(4, 640), torch.rand(640) + 0.5
     expected = F.rms_norm(x, (640,), eps=1e-6) * w
     assert torch.equal(rms_norm(x, w, 1e-6), expected)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 64])
+def test_gelu_tanh_mul_bf16_within_one_ulp_of_the_rounded_ops(rows: int) -> None:
+    """GELU(tanh)(gate) rounded to bf16, times up, rounded: each output within one bf16
+    ulp (plus a tiny absolute slack for results near zero) of the float64 value of
+    those roundings; row-strided input (a slice of a wider buffer) too."""
+    gen = torch.Generator().manual_seed(rows)
+    wide = (torch.randn(rows, 2 * 96 + 8, generator=gen) * 4).to(torch.bfloat16)
+    gate_up = wide[:, : 2 * 96]
+    out = torch.ops.swakv.gelu_tanh_mul_bf16(gate_up)
+    assert out.shape == (rows, 96) and out.dtype == torch.bfloat16
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = F.gelu(gate.double(), approximate="tanh").to(torch.bfloat16).double() * up.double()
+    assert bool(((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-5).all())
+    assert torch.equal(gelu_mul(gate_up), out)  # gemma3 routes bf16 here
+    with pytest.raises(RuntimeError, match="gate_up bf16"):
+        torch.ops.swakv.gelu_tanh_mul_bf16(gate_up.float())
+
+
+def test_gelu_mul_float32_keeps_the_torch_path() -> None:
+    gu = torch.randn(3, 16)
+    gate, up = gu.chunk(2, dim=-1)
+    assert torch.equal(gelu_mul(gu), F.gelu(gate, approximate="tanh") * up)
