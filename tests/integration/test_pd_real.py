@@ -25,7 +25,7 @@ def test_real_model_chat_through_pd_equals_single_process():
     from swakv.engine.llm import LLM
     from swakv.sampling_params import SamplingParams
 
-    llm = LLM(kv_memory=256 << 20, num_threads=1)
+    llm = LLM(kv_memory=256 << 20, num_threads=1, dtype="float32")  # as the servers
     words = ("memory window layer page token cache prefill decode transfer budget "
              "router worker").split()
     content = "Summarise these words: " + " ".join(words[i % len(words)] for i in range(480))
