@@ -40,8 +40,9 @@ int4, the rest grouped int8: 91.3%).
 
 Memory: the dense copies are kept because every role's dispatch needs them, so
 `int8` / `int4` / `w8a8` hold the packed weights in addition to what `none` holds
-(linears of the default model: 768 / 671 / 768 MiB, bf16 `none` 511 MiB); they buy speed for
-small batches, not memory. The tied LM head's embedding table stays exact either way.
+(linears of the default model: 768 / 671 / 768 MiB with per-channel int8, bf16 `none`
+511 MiB; grouped int8 adds one fp32 scale per 32 weights, 21 MiB for the LM head);
+they buy speed for small batches, not memory. The tied LM head's embedding table stays exact either way.
 
 Kernels (torch ops and swakv's C++ kernels, no Python loops over rows or groups):
 - dense: oneDNN prepacked bf16 (`mkldnn._linear_pointwise`), else F.linear;
@@ -282,7 +283,7 @@ def _d(*steps: tuple[int, str]) -> Dispatch:
 # bf16 with only that role on w8a8: down +0.014, qkv +0.007, gate_up +0.006, o +0.001)
 # for the smallest time saved (~5 ms of a ~600 ms 1,024-token prefill chunk).
 DISPATCH: dict[Quantization, dict[str, Dispatch]] = {
-    Quantization.INT8: {  # int8g measured separately (bench/quant_kernels.py, M = 1/2/4/8)
+    Quantization.INT8: {  # int8g switches from the M = 1/2/4/8 timings above
         "qkv": _d((1, "int8g"), (3, "dense")),
         "o": _d((1, "int8g"), (3, "dense")),
         "gate_up": _d((1, "int8g"), (2, "dense")),
