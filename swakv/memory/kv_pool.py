@@ -9,14 +9,13 @@ Writes and reads take slots already translated to the layer's pool.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from swakv.config import KVLayout
 from swakv.memory.allocator.swa import SWAAllocator
+from swakv.memory.host_memory import zeroed_tensor
 
 
 class KVCopyMismatch(Exception):
@@ -43,20 +42,6 @@ class KVCopy:
         return int(self.swa_mask.numel())
 
 
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero tensor whose pages are only made resident when first written.
-
-    On the CPU `torch.zeros` writes every byte (a 4 GiB KV budget showed as ~5.4 GiB RSS
-    at start-up); numpy's zeros comes from calloc, whose large blocks are fresh mmap
-    pages the OS zero-fills on first touch. Other devices use `torch.zeros` (device
-    memory has no lazy commit to keep).
-    """
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
-
-
 class KVPool:
     """Owns the KV bytes of both pools; slot bookkeeping belongs to the allocator."""
 
@@ -71,14 +56,14 @@ class KVPool:
 
     def _make(self, sliding: bool, num_slots: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-layer K and V, all zeros (gathers of unmapped positions read the padding
-        page); see `lazy_zeros` for why untouched pages cost no resident memory."""
+        page); see `host_memory.zeroed_tensor`: untouched pages cost no resident memory."""
         ks, vs = [], []
         for a in self.layout.layers:
             if a.is_sliding != sliding:
                 continue
             shape = (num_slots, a.num_kv_heads, a.head_dim)
-            ks.append(lazy_zeros(shape, self.layout.dtype, self.device))
-            vs.append(lazy_zeros(shape, self.layout.dtype, self.device))
+            ks.append(zeroed_tensor(shape, self.layout.dtype, self.device))
+            vs.append(zeroed_tensor(shape, self.layout.dtype, self.device))
         return ks, vs
 
     def buffers(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
