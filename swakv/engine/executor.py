@@ -52,7 +52,8 @@ class ModelExecutor:
         batch = [BatchItem(i.req.kv.row, i.prefix_len,
                            i.req.token_ids[i.prefix_len : i.prefix_len + i.num_tokens])
                  for i in items]
-        out = self.runner.forward(batch, fp32_logits=False)  # the sampler converts if needed
+        # the sampler converts if needed; the logits are consumed before this returns
+        out = self.runner.forward(batch, fp32_logits=False, reuse_logits=True)
         if not sampling:
             return ExecuteResult([], [])
         logits = out.last_logits

@@ -74,6 +74,7 @@ class ModelRunner:
         self.validate = validate
         self.extend_block = extend_block
         self.window = model.spec.window
+        self._logits_workspace: torch.Tensor | None = None  # [rows, vocab], model dtype
 
     def build_metadata(self, items: Sequence[BatchItem]) -> AttentionMetadata:
         """Positions, write slots and attention gathers for `items` (once per forward)."""
@@ -91,8 +92,12 @@ class ModelRunner:
         )
 
     def forward(self, items: Sequence[BatchItem], return_all_logits: bool = False,
-                fp32_logits: bool = True) -> ForwardOutput:
-        """One model step over `items` (in order); see the module docstring for the contract."""
+                fp32_logits: bool = True, reuse_logits: bool = False) -> ForwardOutput:
+        """One model step over `items` (in order); see the module docstring for the contract.
+
+        `reuse_logits`: `last_logits` (model dtype) may be a view of a buffer the runner
+        reuses, valid only until its next forward; the LM head then writes its output in
+        place instead of faulting in a fresh [items, vocab] tensor every step."""
         with torch.inference_mode():
             meta = self.build_metadata(items)
             input_ids = _flat_ids(items)
@@ -103,10 +108,18 @@ class ModelRunner:
                 parts = list(logits.split(lens))
                 last = torch.stack([p[-1] for p in parts])
                 return ForwardOutput(last, parts)
-            if len(lens) == hidden.shape[0]:
-                return ForwardOutput(self.model.compute_logits(hidden, fp32_logits), None)
-            ends = torch.tensor(lens).cumsum(0) - 1
-            return ForwardOutput(self.model.compute_logits(hidden[ends], fp32_logits), None)
+            if len(lens) != hidden.shape[0]:
+                hidden = hidden[torch.tensor(lens).cumsum(0) - 1]
+            out = self._logits_out(hidden) if reuse_logits else None
+            return ForwardOutput(self.model.compute_logits(hidden, fp32_logits, out), None)
+
+    def _logits_out(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The first rows of the logits workspace (grown in powers of two rows)."""
+        rows, vocab = hidden.shape[0], self.model.spec.vocab_size
+        ws = self._logits_workspace
+        if ws is None or ws.shape[0] < rows or ws.dtype != hidden.dtype or ws.device != hidden.device:
+            ws = self._logits_workspace = hidden.new_empty(1 << (rows - 1).bit_length(), vocab)
+        return ws[:rows]
 
 
 def _flat_ids(items: Sequence[BatchItem]) -> torch.Tensor:

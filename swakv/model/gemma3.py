@@ -212,12 +212,14 @@ class Gemma3Model:
             h = h + rms_norm(m, layer.post_ff_norm, eps)
         return h
 
-    def compute_logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, fp32: bool = True,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm, LM head and optional softcap: [N, hidden] -> [N, vocab], fp32, or
         with `fp32=False` in the model dtype when no softcap applies (the greedy path
-        needs no [N, vocab] conversion)."""
+        needs no [N, vocab] conversion). `out` ([N, vocab], model dtype) receives the
+        LM head's output; it is what is returned when no conversion follows."""
         x = rms_norm(hidden, self.final_norm, self.eps)
-        logits = self.lm_head(x)
+        logits = self.lm_head(x) if out is None else self.lm_head.into(x, out)
         if self.final_softcap is not None:
             logits = logits.float()
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap

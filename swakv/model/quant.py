@@ -115,21 +115,44 @@ class DenseKernel:
     support (`prepack`): results are bit-identical to F.linear and 1.3-2x faster for
     decode-sized batches. Other dtypes and devices stay plain (MKL for fp32, like
     transformers).
+
+    `tile_rows` (the LM head): prepacked weights are held as tiles of that many output
+    rows, so `into` can write a caller's buffer tile by tile. oneDNN's linear has no
+    out= form, and a fresh [64, 262,144] bf16 output (33.5 MB, above glibc's largest
+    mmap threshold) is faulted in page by page on every call: 32.3 ms per batch-64 LM
+    head whole vs 25.5 ms tiled into a reused buffer (7.0 vs 7.2 ms at one row;
+    see `LM_HEAD_TILE_ROWS`).
     """
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, prepack: bool = True) -> None:
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, prepack: bool = True,
+                 tile_rows: int | None = None) -> None:
         w = weight.to(dtype).contiguous()
         self.out_features, self.in_features = w.shape
-        self._packed: torch.Tensor | None = None
+        self._packed: list[tuple[int, int, torch.Tensor]] = []  # (row_lo, row_hi, tile)
         self._plain: torch.Tensor | None = w
         if prepack and dtype == torch.bfloat16 and w.device.type == "cpu" and mkldnn_bf16():
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(w)
+            step = tile_rows or self.out_features
+            self._packed = [
+                (lo, min(lo + step, self.out_features),
+                 torch.ops.mkldnn._reorder_linear_weight(w[lo : lo + step].contiguous()))
+                for lo in range(0, self.out_features, step)
+            ]
             self._plain = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+        if len(self._packed) == 1:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed[0][2], None, "none", [], "")
+        if self._packed:
+            return self.into(x, x.new_empty(x.shape[0], self.out_features))
         return F.linear(x, self._plain)  # type: ignore[arg-type]
+
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write x [M, in] @ W^T into `out` [M, out] (x's dtype) and return it."""
+        if not self._packed:
+            return torch.mm(x, self._plain.t(), out=out)  # type: ignore[union-attr]
+        for lo, hi, tile in self._packed:
+            out[:, lo:hi] = torch.ops.mkldnn._linear_pointwise(x, tile, None, "none", [], "")
+        return out
 
 
 class Int8WeightOnlyKernel:
@@ -282,6 +305,13 @@ def _d(*steps: tuple[int, str]) -> Dispatch:
 # channels that per-token int8 rounds worst (bench/quant_quality.py subset, KL over
 # bf16 with only that role on w8a8: down +0.014, qkv +0.007, gate_up +0.006, o +0.001)
 # for the smallest time saved (~5 ms of a ~600 ms 1,024-token prefill chunk).
+# Output rows per prepacked tile of the LM head's dense kernel (see DenseKernel). ms
+# per call, [262,144 x 640] bf16, median of 10, outputs written into a reused buffer:
+#   tile rows     M=1    M=4    M=16   M=64      (whole, fresh output: 7.01 7.10 9.87 32.3)
+#   16,384        7.21   7.12   9.94   25.5
+#   65,536        7.19   7.04   9.94   25.6
+LM_HEAD_TILE_ROWS = 16384
+
 DISPATCH: dict[Quantization, dict[str, Dispatch]] = {
     Quantization.INT8: {  # int8g switches from the M = 1/2/4/8 timings above
         "qkv": _d((1, "int8g"), (3, "dense")),
@@ -335,16 +365,25 @@ class QuantLinear:
         # (min_rows, kernel) pairs, resolved once: the hot path is a short scan
         self._steps = [(m, self.kernels[k]) for m, k in dispatch.steps]
 
+    def _kernel_for(self, num_rows: int) -> Kernel:
+        kernel = self._steps[0][1]
+        for min_rows, k in self._steps[1:]:
+            if num_rows < min_rows:
+                break
+            kernel = k
+        return kernel
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
-        rows = x2.shape[0]
-        kernel = self._steps[0][1]
-        for min_rows, k in self._steps[1:]:
-            if rows < min_rows:
-                break
-            kernel = k
-        return kernel(x2).reshape(*lead, self.out_features)
+        return self._kernel_for(x2.shape[0])(x2).reshape(*lead, self.out_features)
+
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x [M, in] @ W^T written into `out` [M, out] by the kernel for M rows."""
+        kernel = self._kernel_for(x.shape[0])
+        if isinstance(kernel, DenseKernel):
+            return kernel.into(x.contiguous(), out)
+        return out.copy_(kernel(x.contiguous()))
 
 
 PackedWeights = Int8Weights | Int8GroupWeights | Int4Weights
@@ -367,6 +406,10 @@ def weight_format(mode: Quantization, role: str) -> str:
 def role_of(name: str) -> str:
     """The role (one of LINEAR_ROLES) of a linear named "lm_head" / "layers.{i}.{role}"."""
     return name.rsplit(".", 1)[-1]
+
+
+def _tile_rows(role: str) -> int | None:
+    return LM_HEAD_TILE_ROWS if role == "lm_head" else None
 
 
 def quantize_weight(mode: Quantization, role: str, w: torch.Tensor) -> PackedWeights:
@@ -397,7 +440,7 @@ def make_quant_linear(mode: Quantization, role: str, packed: PackedWeights,
     if device.type != "cpu" or ("int8g" in plan.kernels and not cpu_kernels_available()):
         plan = Dispatch(((1, "dense"),))
     makers: dict[str, Callable[[], Kernel]] = {
-        "dense": lambda: DenseKernel(packed.dequantize(dtype), dtype, prepack),
+        "dense": lambda: DenseKernel(packed.dequantize(dtype), dtype, prepack, _tile_rows(role)),
         "int8": lambda: Int8WeightOnlyKernel(packed, dtype),  # type: ignore[arg-type]
         "int8g": lambda: Int8GroupKernel(packed, dtype),  # type: ignore[arg-type]
         "int4": lambda: Int4WeightOnlyKernel(packed, dtype),  # type: ignore[arg-type]
@@ -418,7 +461,8 @@ def build_linears(
     on packed weights read from, or written to, the cache of `weights_dir` (None: no
     disk cache)."""
     if mode is Quantization.NONE:
-        return {name: DenseKernel(w, dtype, prepack) for name, w in sources.items()}
+        return {name: DenseKernel(w, dtype, prepack, _tile_rows(role_of(name)))
+                for name, w in sources.items()}
     from swakv.model.quant_cache import load_or_quantize, quant_cache_dir
 
     cache = quant_cache_dir(weights_dir) if weights_dir is not None else None

@@ -28,6 +28,22 @@ def test_prepacked_linear_is_bit_identical(rows: int) -> None:
     assert torch.equal(plain(x), F.linear(x, w.to(torch.bfloat16)))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 3, 64])
+def test_tiled_linear_into_a_buffer_is_bit_identical(dtype: torch.dtype, rows: int) -> None:
+    """The LM head's layout: tiles of output rows (the last one short), written in place."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(100, 64, generator=g)
+    x = torch.randn(rows, 64, generator=g).to(dtype)
+    ref = F.linear(x, w.to(dtype))
+    lin = Linear(w, dtype, tile_rows=32)
+    assert torch.equal(lin(x), ref)
+    buf = torch.full((rows + 2, 100), float("nan"), dtype=dtype)
+    got = lin.into(x, buf[:rows])
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, ref)
+    assert buf[rows:].isnan().all()  # nothing written past the rows asked for
+
+
 def test_fp32_linear_is_plain() -> None:
     w = torch.randn(8, 4)
     x = torch.randn(3, 4)
@@ -57,3 +73,31 @@ def test_bf16_model_tracks_fp32_reference(tmp_path: Path) -> None:
     assert err < 0.05 * scale, f"bf16 error {err} vs logit scale {scale}"
     agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reused_logits_equal_fresh_ones(tmp_path: Path, dtype: torch.dtype) -> None:
+    """forward(reuse_logits=True) returns the same logits, in one buffer reused across
+    steps and grown for a larger batch."""
+    path = make_tiny_gemma3_dir(tmp_path / "m", num_layers=2, window=8, sliding_pattern=2, seed=3)
+    loaded = load_model_dir(path)
+    model = Gemma3Model(loaded.spec, loaded.weights, dtype=dtype)
+    alloc = SWAAllocator(32, 32, 4)
+    pool = KVPool(KVLayout.from_model(loaded.spec, dtype), alloc)
+    table = ReqTable(4, 64)
+    runner = ModelRunner(model, pool, table, validate=True)
+    g = torch.Generator().manual_seed(2)
+    rows = [table.alloc_row() for _ in range(3)]
+    for r in rows:
+        table.write(r, 0, alloc.alloc(12))
+    ids = [torch.randint(0, loaded.spec.vocab_size, (12,), generator=g).tolist() for _ in rows]
+    seen = []
+    for batch in ([BatchItem(rows[0], 0, ids[0][:6])],
+                  [BatchItem(rows[0], 6, ids[0][6:7]), BatchItem(rows[1], 0, ids[1][:5]),
+                   BatchItem(rows[2], 0, ids[2][:4])],
+                  [BatchItem(rows[1], 5, ids[1][5:6]), BatchItem(rows[2], 4, ids[2][4:9])]):
+        fresh = runner.forward(batch, fp32_logits=False).last_logits.clone()
+        reused = runner.forward(batch, fp32_logits=False, reuse_logits=True).last_logits
+        assert reused.dtype == dtype and torch.equal(reused, fresh)
+        seen.append(reused.data_ptr())
+    assert seen[0] != seen[1] == seen[2]  # grown once (1 -> 4 rows), then reused for 2
