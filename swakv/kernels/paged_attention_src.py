@@ -39,11 +39,16 @@ Registered as torch ops in namespace `swakv`:
 - `gelu_tanh_mul_bf16(gate_up bf16 [T, 2 I], unit column stride) -> bf16 [T, I]`:
   GELU(tanh)(gate) * up for gate = columns [0, I), up = [I, 2 I), with the roundings of
   the same ops on bf16 tensors (GELU rounded to bf16, then the product).
+- `quantize_rows_int8(x [M, K] float32|bfloat16, unit column stride) -> (int8 [M, K],
+  float32 [M, 1])`: per-row int8 with scale max|x_row| / 127 (1 for a zero row) and
+  round-half-even of x / scale: bit-identical to `swakv.model.quant.quantize_per_token`.
+- `rescale_int32(acc int32 [M, N], sx float32 [M] or [M, 1], sw float32 [N], dtype) ->
+  [M, N] dtype`: (float(acc) * sx[m]) * sw[n] rounded once to dtype (float32|bfloat16).
 """
 
 from swakv.kernels.decode_src import DECODE_SOURCE
 from swakv.kernels.extend_src import EXTEND_SOURCE
-from swakv.kernels.quant_src import NORM_SOURCE, QUANT_SOURCE
+from swakv.kernels.quant_src import NORM_SOURCE, QUANT_SOURCE, W8A8_SOURCE
 
 # includes and helpers shared by both kernel families; opens the anonymous namespace
 COMMON_SOURCE = r"""
@@ -58,6 +63,7 @@ COMMON_SOURCE = r"""
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -162,6 +168,8 @@ TORCH_LIBRARY(swakv, m) {
   m.def("int8_group_mm(Tensor x, Tensor qweight, Tensor scales, int group) -> Tensor");
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("gelu_tanh_mul_bf16(Tensor gate_up) -> Tensor");
+  m.def("quantize_rows_int8(Tensor x) -> (Tensor, Tensor)");
+  m.def("rescale_int32(Tensor acc, Tensor sx, Tensor sw, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(swakv, CPU, m) {
@@ -172,6 +180,8 @@ TORCH_LIBRARY_IMPL(swakv, CPU, m) {
   m.impl("int8_group_mm", &int8_group_mm);
   m.impl("rms_norm_bf16", &rms_norm_bf16);
   m.impl("gelu_tanh_mul_bf16", &gelu_tanh_mul_bf16);
+  m.impl("quantize_rows_int8", &quantize_rows_int8);
+  m.impl("rescale_int32", &rescale_int32);
 }
 
 TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {
@@ -179,5 +189,5 @@ TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {
 }
 """
 
-SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, QUANT_SOURCE, NORM_SOURCE,
+SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, QUANT_SOURCE, W8A8_SOURCE, NORM_SOURCE,
                     REGISTRATION_SOURCE))

@@ -101,6 +101,82 @@ at::Tensor int8_group_mm(const at::Tensor& x, const at::Tensor& qweight, const a
 }
 """
 
+# The w8a8 kernel's two passes around torch._int_mm (see swakv.model.quant.W8A8Kernel).
+W8A8_SOURCE = r"""
+// Per row m of x [M, K]: amax = max |x[m, :]|, sx[m] = amax / 127 (1 when amax is 0),
+// q[m, k] = round_half_even(x[m, k] / sx[m]) in [-127, 127]: the values and roundings of
+// torch.div(x, sx).round_() with fp32 division, so it matches quantize_per_token exactly.
+template <typename T>
+static void quantize_rows_impl(const at::Tensor& x, at::Tensor& q, at::Tensor& sx) {
+  const int64_t M = x.size(0), K = x.size(1), ld = x.stride(0);
+  const T* xd = x.data_ptr<T>();
+  int8_t* qd = q.data_ptr<int8_t>();
+  float* sd = sx.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    for (int64_t m = begin; m < end; ++m) {
+      load_row(xd + m * ld, row.data(), K);
+      float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(row[k]));
+      const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+      sd[m] = s;
+      int8_t* qr = qd + m * K;
+#pragma omp simd
+      for (int64_t k = 0; k < K; ++k) qr[k] = static_cast<int8_t>(std::nearbyint(row[k] / s));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_rows_int8(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x [M, K] with unit column stride");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x float32 or bfloat16");
+  at::Tensor q = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kChar));
+  at::Tensor sx = at::empty({x.size(0), 1}, x.options().dtype(at::kFloat));
+  if (x.scalar_type() == at::kFloat) quantize_rows_impl<float>(x, q, sx);
+  else quantize_rows_impl<c10::BFloat16>(x, q, sx);
+  return {q, sx};
+}
+
+// out[m, n] = dtype((float(acc[m, n]) * sx[m]) * sw[n]): the roundings of
+// acc.float().mul_(sx).mul_(sw).to(dtype) in one pass.
+template <typename T>
+static void rescale_impl(const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& sw,
+                         at::Tensor& out) {
+  const int64_t M = acc.size(0), N = acc.size(1);
+  const int32_t* ad = acc.data_ptr<int32_t>();
+  const float* xs = sx.data_ptr<float>();
+  const float* ws = sw.data_ptr<float>();
+  T* od = out.data_ptr<T>();
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(N);
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* ar = ad + m * N;
+      const float s = xs[m];
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) row[n] = (static_cast<float>(ar[n]) * s) * ws[n];
+      store_row(row.data(), od + m * N, N);
+    }
+  });
+}
+
+at::Tensor rescale_int32(const at::Tensor& acc, const at::Tensor& sx, const at::Tensor& sw,
+                         at::ScalarType dtype) {
+  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == at::kInt,
+              "acc int32 [M, N] contiguous");
+  TORCH_CHECK(sx.scalar_type() == at::kFloat && sx.is_contiguous() && sx.numel() == acc.size(0),
+              "sx float32 [M] or [M, 1] contiguous");
+  TORCH_CHECK(sw.scalar_type() == at::kFloat && sw.is_contiguous() && sw.numel() == acc.size(1),
+              "sw float32 [N] contiguous");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dtype float32 or bfloat16");
+  at::Tensor out = at::empty({acc.size(0), acc.size(1)}, acc.options().dtype(dtype));
+  if (dtype == at::kFloat) rescale_impl<float>(acc, sx, sw, out);
+  else rescale_impl<c10::BFloat16>(acc, sx, sw, out);
+  return out;
+}
+"""
+
 # RMSNorm rows for bf16 models (registered beside the matmul kernel; see gemma3.rms_norm).
 NORM_SOURCE = r"""
 // out[t, h, :] = bf16(x[t, h, :] * rsqrt(mean(x[t, h, :]^2) + eps) * w[h % W, :]), fp32 math

@@ -212,16 +212,25 @@ class W8A8Kernel:
     For row m: sx[m] = max_k |x[m, k]| / 127 (1 for an all-zero row),
     qx = round(x / sx) in [-127, 127], y[m, n] = (sum_k qx[m, k] q[n, k]) sx[m] s[n]
     with int32 accumulation (exact: |sum| <= 127 * 127 * K < 2^31 for K < 133,000).
+    On the CPU the two passes around the GEMM are swakv's C++ ops, bit-identical to the
+    torch expressions of the fallback: one read of x, one of the int32 sums. ms at M =
+    512, torch -> C++: quantize [512, 640] 0.101 -> 0.019, [512, 2048] 0.256 -> 0.054;
+    rescale [512, 4096] 0.275 -> 0.118 (the gate_up GEMM itself: ~1.5).
     """
 
     def __init__(self, w: Int8Weights, dtype: torch.dtype) -> None:
         self.qweight_t = _aligned(w.qweight).t()  # [K, N] view: _int_mm takes it as is
-        self.scales = w.scales.to(dtype).float()
+        self.scales = w.scales.to(dtype).float().contiguous()
+        self.fused = w.qweight.device.type == "cpu" and cpu_kernels_available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        qx, sx = quantize_per_token(x)
+        if not self.fused:
+            qx, sx = quantize_per_token(x)
+            acc = torch._int_mm(qx, self.qweight_t)
+            return (acc.float().mul_(sx).mul_(self.scales)).to(x.dtype)
+        qx, sx = torch.ops.swakv.quantize_rows_int8(x)
         acc = torch._int_mm(qx, self.qweight_t)
-        return (acc.float().mul_(sx).mul_(self.scales)).to(x.dtype)
+        return torch.ops.swakv.rescale_int32(acc, sx, self.scales, x.dtype)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,14 +306,24 @@ def _d(*steps: tuple[int, str]) -> Dispatch:
 #   .021/.021/.022/.027; gate_up .047/.062/.076/.153 vs .047/.050/.051/.071; down
 #   .023/.028/.056/.141 vs .030/.030/.031/.041; lm_head 5.10/4.48/7.55/17.6 vs
 #   7.40/8.57/8.40/9.31 (per-channel int8 there: 5.39/5.34/5.84/11.2).
+# w8a8 with its passes fused in C++ (W8A8Kernel), re-measured on an AMD EPYC (AVX512-VNNI
+# and -BF16, 2 threads; `--rows 8,...,1024 --shapes qkv,o,gate_up,down`), dense / w8a8 ms:
+#   M       qkv           o             gate_up       down
+#   16      .048/.042     .039/.045     .102/.097     .056/.109
+#   32      .080/.061     .062/.059     .189/.149     .098/.128
+#   64      .135/.087     .099/.081     .351/.247     .175/.183
+#   256     .499/.376     .335/.217     1.30/.759     .665/.448
+#   1024    1.95/1.11     1.27/.761     5.16/3.34     2.70/1.55
+# so w8a8 wins from 16 (qkv; a tie at 8), 32 (o), 16 (gate_up) and 96 (down) rows; the torch passes
+# it replaced had put those switches at 64, 256, 32 and 96.
 # Weight-only kernels win only while reading the weights dominates (a few rows); the
-# int8 GEMM beats oneDNN's prepacked bf16 GEMM by 10-25% from a few dozen rows on for
+# int8 GEMM beats oneDNN's prepacked bf16 GEMM by 25-45% from a few dozen rows on for
 # the layers, and never for the LM head (its int32 -> bf16 rescale of [M, 262144]
 # costs more than the GEMM saves). The w8a8 mode does not use it for `down` although
-# it is 10-18% faster there from 96 rows: down's input, GELU(gate) * up, has outlier
+# it is 30-40% faster there from 96 rows: down's input, GELU(gate) * up, has outlier
 # channels that per-token int8 rounds worst (bench/quant_quality.py subset, KL over
 # bf16 with only that role on w8a8: down +0.014, qkv +0.007, gate_up +0.006, o +0.001)
-# for the smallest time saved (~5 ms of a ~600 ms 1,024-token prefill chunk).
+# (~20 ms of a ~330 ms 1,024-token prefill chunk).
 # Output rows per prepacked tile of the LM head's dense kernel (see DenseKernel). ms
 # per call, [262,144 x 640] bf16, median of 10, outputs written into a reused buffer:
 #   tile rows     M=1    M=4    M=16   M=64      (whole, fresh output: 7.01 7.10 9.87 32.3)
@@ -328,9 +347,9 @@ DISPATCH: dict[Quantization, dict[str, Dispatch]] = {
         "lm_head": _d((1, "int4"), (8, "dense")),
     },
     Quantization.W8A8: {
-        "qkv": _d((1, "int8"), (4, "dense"), (64, "w8a8")),
-        "o": _d((1, "int8"), (8, "dense"), (256, "w8a8")),
-        "gate_up": _d((1, "int8"), (4, "dense"), (32, "w8a8")),
+        "qkv": _d((1, "int8"), (4, "dense"), (16, "w8a8")),
+        "o": _d((1, "int8"), (8, "dense"), (32, "w8a8")),
+        "gate_up": _d((1, "int8"), (4, "dense"), (16, "w8a8")),
         "down": _d((1, "int8g"), (3, "dense")),  # see below: w8a8 costs most there
         "lm_head": _d((1, "int8g"), (5, "dense")),
     },

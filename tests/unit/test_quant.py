@@ -259,6 +259,45 @@ def test_w8a8_kernel_matches_integer_reference(dtype: torch.dtype, rows: int) ->
     assert (y.float() - exact).abs().max().item() <= 0.03 * exact.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, cols", [(1, 640), (3, 48), (40, 2048)])
+def test_fused_w8a8_passes_are_bit_identical_to_torch(dtype: torch.dtype, rows: int,
+                                                      cols: int) -> None:
+    """quantize_rows_int8 / rescale_int32 against the torch expressions they replace,
+    with exact halves (round half to even) and an all-zero row."""
+    x = _rand(rows, cols, seed=10, scale=3.0).to(dtype)
+    x[0, :6] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 127.0])  # row scale 1: ties
+    if rows > 1:
+        x[1] = 0
+    q, sx = torch.ops.swakv.quantize_rows_int8(x)
+    q_ref, sx_ref = quantize_per_token(x)
+    assert q.dtype == torch.int8 and sx.shape == (rows, 1)
+    assert torch.equal(q, q_ref) and torch.equal(sx, sx_ref)
+    assert q[0, :5].tolist() == [0, 0, 2, 2, -2]
+    acc = torch.randint(-(1 << 24), 1 << 24, (rows, 96), dtype=torch.int32,
+                        generator=torch.Generator().manual_seed(11))
+    sw = _rand(96, 1, seed=12).abs().reshape(96).to(dtype).float()
+    out = torch.ops.swakv.rescale_int32(acc, sx, sw, dtype)
+    assert out.dtype == dtype and torch.equal(out, (acc.float().mul_(sx).mul_(sw)).to(dtype))
+    strided = x[:, : cols // 2]  # rows cols apart: unit column stride is enough
+    assert torch.equal(torch.ops.swakv.quantize_rows_int8(strided)[0],
+                       quantize_per_token(strided)[0])
+
+
+def test_fused_w8a8_passes_reject_bad_inputs() -> None:
+    with pytest.raises(RuntimeError, match="unit column stride"):
+        torch.ops.swakv.quantize_rows_int8(torch.zeros(4, 8).t())
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.swakv.quantize_rows_int8(torch.zeros(4, 8, dtype=torch.float16))
+    acc = torch.zeros(2, 3, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="sx float32"):
+        torch.ops.swakv.rescale_int32(acc, torch.ones(3), torch.ones(3), torch.float32)
+    with pytest.raises(RuntimeError, match="sw float32"):
+        torch.ops.swakv.rescale_int32(acc, torch.ones(2), torch.ones(2), torch.float32)
+    with pytest.raises(RuntimeError, match="acc int32"):
+        torch.ops.swakv.rescale_int32(acc.float(), torch.ones(2), torch.ones(3), torch.float32)
+
+
 # ------------------------------------------------------------------------ dispatch
 
 
