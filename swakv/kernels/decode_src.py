@@ -112,6 +112,125 @@ static inline void accumulate_pv(const float* p, int64_t p_stride, int64_t G,
   }
 }
 
+#if defined(__AVX512BF16__)
+static inline uint32_t bf16_bits(float f) {  // round to nearest even (f finite)
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+}
+
+// bf16 V, G <= 4, D % 64 == 0: acc[g][0:D] = sum_j bf16(p[g * p_stride + j]) * V[slots[j], h, :]
+// in fp32, two keys per bf16 dot-product instruction: the rows of keys 2i and 2i + 1
+// are interleaved (unpack lo / hi within 128-bit lanes), so accumulator lane 4 l + t of
+// a 32-column block holds column 8 l + t (lo) or 8 l + 4 + t (hi), un-permuted at the
+// end. A missing partner key (odd n) gets probability 0 and repeats the last row.
+static void accumulate_pv_bf16(const float* p, int64_t p_stride, int64_t G, const int64_t* slots,
+                               int64_t n, const c10::BFloat16* vd, int64_t KVH, int64_t h,
+                               int64_t D, float* acc) {
+  const int64_t num_pairs = (n + 1) / 2;
+  uint32_t pp[4][kChunk / 2];  // (bf16(p_2i), bf16(p_2i+1)) per head
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < num_pairs; ++i) {
+      const uint32_t lo = bf16_bits(p[g * p_stride + 2 * i]);
+      const uint32_t hi = 2 * i + 1 < n ? bf16_bits(p[g * p_stride + 2 * i + 1]) : 0u;
+      pp[g][i] = lo | (hi << 16);
+    }
+  const uint16_t* vbase = reinterpret_cast<const uint16_t*>(vd);
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    __m512 a[4][4];
+    for (int g = 0; g < 4; ++g)
+      for (int t = 0; t < 4; ++t) a[g][t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < num_pairs; ++i) {
+      const int64_t j = 2 * i;
+      if (d0 == 0 && j + kPrefetch + 1 < n) {
+        prefetch_row(vd + (slots[j + kPrefetch] * KVH + h) * D, D);
+        prefetch_row(vd + (slots[j + kPrefetch + 1] * KVH + h) * D, D);
+      }
+      const uint16_t* x = vbase + (slots[j] * KVH + h) * D + d0;
+      const uint16_t* y = j + 1 < n ? vbase + (slots[j + 1] * KVH + h) * D + d0 : x;
+      const __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 32);
+      const __m512i y0 = _mm512_loadu_si512(y), y1 = _mm512_loadu_si512(y + 32);
+      const __m512bh b0 = (__m512bh)_mm512_unpacklo_epi16(x0, y0);
+      const __m512bh b1 = (__m512bh)_mm512_unpackhi_epi16(x0, y0);
+      const __m512bh b2 = (__m512bh)_mm512_unpacklo_epi16(x1, y1);
+      const __m512bh b3 = (__m512bh)_mm512_unpackhi_epi16(x1, y1);
+      for (int g = 0; g < G; ++g) {
+        const __m512bh pg = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp[g][i]));
+        a[g][0] = _mm512_dpbf16_ps(a[g][0], pg, b0);
+        a[g][1] = _mm512_dpbf16_ps(a[g][1], pg, b1);
+        a[g][2] = _mm512_dpbf16_ps(a[g][2], pg, b2);
+        a[g][3] = _mm512_dpbf16_ps(a[g][3], pg, b3);
+      }
+    }
+    alignas(64) float lo[16], hi[16];
+    for (int g = 0; g < G; ++g)
+      for (int half = 0; half < 2; ++half) {
+        _mm512_store_ps(lo, a[g][2 * half]);
+        _mm512_store_ps(hi, a[g][2 * half + 1]);
+        float* dst = acc + g * D + d0 + 32 * half;
+        for (int l = 0; l < 4; ++l)
+          for (int t = 0; t < 4; ++t) {
+            dst[8 * l + t] = lo[4 * l + t];
+            dst[8 * l + 4 + t] = hi[4 * l + t];
+          }
+      }
+  }
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// Lane-wise sums of 16 vectors: lane L of the result is the sum of v[4 (L % 4) + L / 4]
+// (halving 512 -> 256 -> 128 -> 64 -> 32 bits, pairing vectors at each step).
+static inline __m512 reduce16(const __m512* v) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+}
+
+// G = 4 heads, bf16, D % 32 == 0: s[g * kChunk + j] = q_g . k_j (exact bf16 products,
+// fp32 sums) for j < n. Four keys at a time: 16 accumulators (key kk, head g) at index
+// 4 kk + g, so reduce16's lanes 4 g .. 4 g + 3 are head g's four keys.
+static void qk_dots_g4(const c10::BFloat16* qrows, const int64_t* slots, int64_t n,
+                       const c10::BFloat16* kd, int64_t KVH, int64_t h, int64_t D, float* s) {
+  const uint16_t* qb = reinterpret_cast<const uint16_t*>(qrows);
+  const uint16_t* kb = reinterpret_cast<const uint16_t*>(kd);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    for (int kk = 0; kk < 4; ++kk)
+      if (j + kPrefetch + kk < n) prefetch_row(kd + (slots[j + kPrefetch + kk] * KVH + h) * D, D);
+    const uint16_t* k[4];
+    for (int kk = 0; kk < 4; ++kk) k[kk] = kb + (slots[j + kk] * KVH + h) * D;
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      __m512bh kv[4];
+      for (int kk = 0; kk < 4; ++kk) kv[kk] = (__m512bh)_mm512_loadu_si512(k[kk] + d);
+      for (int g = 0; g < 4; ++g) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(qb + g * D + d);
+        for (int kk = 0; kk < 4; ++kk) acc[4 * kk + g] = _mm512_dpbf16_ps(acc[4 * kk + g], qv, kv[kk]);
+      }
+    }
+    const __m512 z = reduce16(acc);
+    _mm_storeu_ps(s + j, _mm512_extractf32x4_ps(z, 0));
+    _mm_storeu_ps(s + kChunk + j, _mm512_extractf32x4_ps(z, 1));
+    _mm_storeu_ps(s + 2 * kChunk + j, _mm512_extractf32x4_ps(z, 2));
+    _mm_storeu_ps(s + 3 * kChunk + j, _mm512_extractf32x4_ps(z, 3));
+  }
+  for (; j < n; ++j) {
+    const c10::BFloat16* krow = kd + (slots[j] * KVH + h) * D;
+    for (int g = 0; g < 4; ++g) s[g * kChunk + j] = row_dot(qrows + g * D, nullptr, krow, nullptr, D);
+  }
+}
+#endif
+
 template <typename T>
 void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
                  const at::Tensor& table, const at::Tensor& rows, const at::Tensor& key_lo,
@@ -171,7 +290,19 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp
       }
       const T* qrows = qd + (b * H + h * G) * D;  // G consecutive heads share KV head h
       for (int64_t g = 0; g < G; ++g) load_row(qrows + g * D, &qf[g * D], D);
-      for (int64_t j = 0; j < n; ++j) {
+      bool dots_done = false;
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (G == 4 && D % 32 == 0) {
+          qk_dots_g4(qrows, slots.data(), n, kd, KVH, h, D, s.data());
+          for (int64_t g = 0; g < G; ++g)
+            for (int64_t j = 0; j < n; ++j)
+              s[g * kChunk + j] = softcap_of(s[g * kChunk + j] * scale, softcap);
+          dots_done = true;
+        }
+      }
+#endif
+      for (int64_t j = 0; j < n && !dots_done; ++j) {
         if (j + kPrefetch < n) prefetch_row(kd + (slots[j + kPrefetch] * KVH + h) * D, D);
         const T* krow = kd + (slots[j] * KVH + h) * D;
         for (int64_t g = 0; g < G; ++g)
@@ -193,6 +324,15 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp
         part[g * stride + 1] = l;
       }
       for (int64_t j = 0; j < kPrefetch && j < n; ++j) prefetch_row(vd + (slots[j] * KVH + h) * D, D);
+#if defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (G <= 4 && D % 64 == 0) {
+          accumulate_pv_bf16(s.data(), kChunk, G, slots.data(), n, vd, KVH, h, D, acc.data());
+        } else {
+          accumulate_pv(s.data(), kChunk, G, slots.data(), n, vd, KVH, h, D, acc.data());
+        }
+      } else
+#endif
       accumulate_pv(s.data(), kChunk, G, slots.data(), n, vd, KVH, h, D, acc.data());
       for (int64_t g = 0; g < G; ++g)
         std::memcpy(part + g * stride + 2, &acc[g * D], D * sizeof(float));

@@ -12,6 +12,10 @@ Registered as torch ops in namespace `swakv`:
   Only visible slots are read. Query head h uses KV head h / (H / KVH).
   Returns out [B, H * D] in q's dtype. Scores, softmax and accumulation are fp32;
   keys are split in chunks of 256 positions whose partial softmax states are merged.
+  bf16 with AVX512-BF16: q.k sums exact bf16 products in fp32 (4 keys x 4 heads per
+  step when H / KVH = 4); for H / KVH <= 4 and D % 64 == 0 the unnormalised
+  probabilities are rounded to bf16 for the P x V products (fp32 sums), as the torch
+  path's bf16 P x V does.
 
 - `masked_softmax_out(scores, out, group, rows_per_kv_head, q_pos0, k_pos0, window,
   scale, softcap) -> out`
@@ -64,6 +68,7 @@ COMMON_SOURCE = r"""
 #include <cstdint>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)

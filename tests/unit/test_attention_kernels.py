@@ -265,3 +265,41 @@ def test_paged_decode_rejects_slots_and_ranges_outside_the_pool() -> None:
         torch.ops.swakv.paged_decode(q, pool, pool, table, idx, idx, idx + 5, no_map, 1, 1.0, 0.0)
     out = torch.ops.swakv.paged_decode(q, pool, pool, table, idx, idx, idx + 2, no_map, 1, 1.0, 0.0)
     assert out.shape == (1, 128) and (out == 0).all()
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 1, 256), (4, 1, 64), (8, 4, 64), (4, 2, 128),
+                                                  (3, 1, 64)])
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_paged_decode_bf16_fast_paths_track_fp32(heads: int, kv_heads: int, dim: int,
+                                                 softcap: float) -> None:
+    """bf16 paged_decode (4-key QK blocks for 4 heads per KV head, key-pair PV for up to 4,
+    the generic loops otherwise) against an fp32 reference, for key counts that leave
+    every tail (n mod 4), cross the 256-key chunks, and through a page map."""
+    assert cpu_build.cpu_kernels_available()
+    g = torch.Generator().manual_seed(heads * 100 + dim)
+    lengths = [1, 2, 3, 5, 8, 255, 257, 301, 600]
+    page, num_pages = 4, 1400  # 9 x 600 full slots: 1,350 pages
+    pool_k = torch.randn(num_pages * page, kv_heads, dim, generator=g).to(torch.bfloat16)
+    pool_v = torch.randn(num_pages * page, kv_heads, dim, generator=g).to(torch.bfloat16)
+    q = torch.randn(len(lengths), heads, dim, generator=g).to(torch.bfloat16)
+    width = max(lengths)
+    # full slots 0 .. width * B, mapped page by page onto a shuffled pool
+    table = torch.arange(len(lengths) * width).view(len(lengths), width)
+    page_map = torch.randperm(num_pages, generator=g)[: table.numel() // page + 1]
+    rows = torch.arange(len(lengths))
+    key_hi = torch.tensor(lengths)
+    key_lo = (key_hi - 270).clamp(min=0)  # long rows see a window of 270 keys
+    out = torch.ops.swakv.paged_decode(q, pool_k, pool_v, table, rows, key_lo, key_hi, page_map,
+                                       page, 0.3, softcap)
+    group = heads // kv_heads
+    for b in range(len(lengths)):
+        full = table[b, key_lo[b] : key_hi[b]]
+        slots = page_map[full // page] * page + full % page
+        k, v = pool_k[slots].float(), pool_v[slots].float()  # [n, kvh, D]
+        for h in range(heads):
+            s = (k[:, h // group] @ q[b, h].float()) * 0.3
+            if softcap:
+                s = torch.tanh(s / softcap) * softcap
+            ref = torch.softmax(s, 0) @ v[:, h // group]
+            got = out[b, h * dim : (h + 1) * dim].float()
+            torch.testing.assert_close(got, ref, atol=1e-2, rtol=1e-2)
