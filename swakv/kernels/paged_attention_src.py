@@ -40,6 +40,10 @@ Registered as torch ops in namespace `swakv`:
 - `rms_norm_bf16(x bf16 [T, D] or [T, H, D] (unit last stride), weight float32 [D],
   [1, D] or [H, D], eps) -> bf16, same shape, contiguous`: Gemma's RMSNorm in fp32
   (x * rsqrt(mean(x^2) + eps) * weight[h]), rounded once to bf16.
+- `rms_norm_rope_bf16(x bf16 [T, H, D] (unit last stride), weight as above, eps,
+  cos, sin bf16 [T, D / 2]) -> bf16 [T, H, D]`: `rms_norm_bf16`, then rotary embedding
+  with half-width cos / sin, rounding to bf16 after each product and the sum as the
+  same ops on bf16 tensors do (`swakv.model.rope.apply_rope`).
 - `gelu_tanh_mul_bf16(gate_up bf16 [T, 2 I], unit column stride) -> bf16 [T, I]`:
   GELU(tanh)(gate) * up for gate = columns [0, I), up = [I, 2 I), with the roundings of
   the same ops on bf16 tensors (GELU rounded to bf16, then the product).
@@ -173,6 +177,7 @@ TORCH_LIBRARY(swakv, m) {
   m.def("int8_group_mm(Tensor x, Tensor qweight, Tensor scales, int group) -> Tensor");
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("gelu_tanh_mul_bf16(Tensor gate_up) -> Tensor");
+  m.def("rms_norm_rope_bf16(Tensor x, Tensor weight, float eps, Tensor cos, Tensor sin) -> Tensor");
   m.def("quantize_rows_int8(Tensor x) -> (Tensor, Tensor)");
   m.def("rescale_int32(Tensor acc, Tensor sx, Tensor sw, ScalarType dtype) -> Tensor");
 }
@@ -185,6 +190,7 @@ TORCH_LIBRARY_IMPL(swakv, CPU, m) {
   m.impl("int8_group_mm", &int8_group_mm);
   m.impl("rms_norm_bf16", &rms_norm_bf16);
   m.impl("gelu_tanh_mul_bf16", &gelu_tanh_mul_bf16);
+  m.impl("rms_norm_rope_bf16", &rms_norm_rope_bf16);
   m.impl("quantize_rows_int8", &quantize_rows_int8);
   m.impl("rescale_int32", &rescale_int32);
 }

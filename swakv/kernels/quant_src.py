@@ -214,6 +214,67 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double e
   return x.dim() == 2 ? out.squeeze(1) : out;
 }
 
+static inline float round_bf16(float f) {  // f rounded to the nearest bf16, ties to even
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+  float r;
+  std::memcpy(&r, &bits, sizeof(r));
+  return r;
+}
+
+// rms_norm_bf16 of x [T, H, D], then RoPE with half-width cos / sin [T, D / 2] (bf16):
+// y = bf16(norm); out[:half] = bf16(bf16(y1 c) - bf16(y2 s)), out[half:] =
+// bf16(bf16(y2 c) + bf16(y1 s)): every rounding of gemma3's two-step torch path.
+at::Tensor rms_norm_rope_bf16(const at::Tensor& x, const at::Tensor& weight, double eps_d,
+                              const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 3 && x.stride(-1) == 1,
+              "x bf16 [T, H, D] with unit last stride");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
+  TORCH_CHECK(D % 2 == 0, "even head_dim");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+              weight.size(-1) == D && (weight.dim() == 1 || (weight.dim() == 2 &&
+              (weight.size(0) == H || weight.size(0) == 1))),
+              "weight float32 [D], [1, D] or [H, D] contiguous");
+  TORCH_CHECK(cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16 &&
+              cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 &&
+              cos.sizes() == sin.sizes() && cos.size(0) == T && cos.size(1) == half,
+              "cos, sin bf16 [T, D / 2] contiguous");
+  const int64_t W = weight.dim() == 1 ? 1 : weight.size(0);
+  at::Tensor out = at::empty({T, H, D}, x.options());
+  const c10::BFloat16* xd = x.data_ptr<c10::BFloat16>();
+  const float* wd = weight.data_ptr<float>();
+  const c10::BFloat16* cd = cos.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* sd = sin.data_ptr<c10::BFloat16>();
+  c10::BFloat16* od = out.data_ptr<c10::BFloat16>();
+  const int64_t st = x.stride(0), sh = x.stride(1);
+  const float eps = static_cast<float>(eps_d);
+  at::parallel_for(0, T * H, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D), c(half), s(half);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = r / H, h = r % H;
+      load_row(xd + t * st + h * sh, row.data(), D);
+      float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < D; ++j) ss += row[j] * row[j];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+      const float* w = wd + (h % W) * D;
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) row[j] = round_bf16(row[j] * inv * w[j]);
+      load_row(cd + t * half, c.data(), half);
+      load_row(sd + t * half, s.data(), half);
+#pragma omp simd
+      for (int64_t j = 0; j < half; ++j) {
+        const float y1 = row[j], y2 = row[j + half];
+        row[j] = round_bf16(y1 * c[j]) - round_bf16(y2 * s[j]);
+        row[j + half] = round_bf16(y2 * c[j]) + round_bf16(y1 * s[j]);
+      }
+      store_row(row.data(), od + r * D, D);
+    }
+  });
+  return out;
+}
+
 // out[t, j] = bf16(bf16(gelu_tanh(g)) * u), g = gate_up[t, j], u = gate_up[t, I + j]: the
 // roundings of F.gelu(gate) * up on bf16 tensors; 0.5 (1 + tanh y) = sigmoid(2 y).
 at::Tensor gelu_tanh_mul_bf16(const at::Tensor& gate_up) {

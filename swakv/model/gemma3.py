@@ -48,6 +48,15 @@ def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torc
     return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight_plus_one).to(x.dtype)
 
 
+def rms_norm_rope(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float,
+                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope(rms_norm(x, weight_plus_one, eps), cos, sin)` for x [T, heads, head_dim]:
+    one pass (`swakv.rms_norm_rope_bf16`, the same roundings) for bf16 CPU tensors."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _fused_elementwise():
+        return torch.ops.swakv.rms_norm_rope_bf16(x, weight_plus_one, eps, cos, sin)
+    return apply_rope(rms_norm(x, weight_plus_one, eps), cos, sin)
+
+
 def gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """GELU(tanh)(gate) * up for gate_up [T, 2 * intermediate] (gate columns first).
 
@@ -202,8 +211,7 @@ class Gemma3Model:
             assert plan is not None, "batch metadata lacks a plan for sliding layers"
             x = rms_norm(h, layer.input_norm, eps)
             qkv = layer.qkv(x).view(num_tokens, heads + 2 * kv_heads, dim)
-            qk = rms_norm(qkv[:, : heads + kv_heads], layer.qk_norm, eps)
-            qk = apply_rope(qk, *rope[layer.rope])
+            qk = rms_norm_rope(qkv[:, : heads + kv_heads], layer.qk_norm, eps, *rope[layer.rope])
             q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
             a = attend(layer_id, q, k, v, plan, kv_pool, self.scale, self.attn_softcap)
             h = h + rms_norm(layer.o(a), layer.post_attn_norm, eps)

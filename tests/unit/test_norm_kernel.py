@@ -89,3 +89,34 @@ def test_gelu_mul_float32_keeps_the_torch_path() -> None:
     gu = torch.randn(3, 16)
     gate, up = gu.chunk(2, dim=-1)
     assert torch.equal(gelu_mul(gu), F.gelu(gate, approximate="tanh") * up)
+
+
+@pytest.mark.parametrize("shape, per_head", [((37, 5, 256), True), ((3, 1, 64), False),
+                                             ((0, 5, 32), True)])
+def test_rms_norm_rope_bf16_is_bit_identical_to_norm_then_rope(shape: tuple[int, int, int],
+                                                               per_head: bool) -> None:
+    """The fused q/k norm + RoPE against rms_norm_bf16 followed by apply_rope on bf16
+    tensors (every product and sum rounded), on a strided view like gemma3's q/k slice."""
+    from swakv.model.rope import apply_rope, rope_cos_sin
+
+    gen = torch.Generator().manual_seed(shape[0])
+    t, h, d = shape
+    qkv = (torch.randn(t, h + 2, d, generator=gen) * 3).to(torch.bfloat16)
+    x = qkv[:, :h]  # rows (h + 2) * d apart
+    w = torch.rand((h, d) if per_head else (d,), generator=gen) + 0.5
+    freq = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    cos, sin = rope_cos_sin(freq, torch.arange(100, 100 + t), torch.bfloat16)
+    fused = torch.ops.swakv.rms_norm_rope_bf16(x, w, 1e-6, cos, sin)
+    two_step = apply_rope(torch.ops.swakv.rms_norm_bf16(x, w, 1e-6), cos, sin)
+    assert fused.dtype == torch.bfloat16 and fused.shape == shape
+    assert torch.equal(fused, two_step)
+
+
+def test_rms_norm_rope_bf16_rejects_mismatched_tables() -> None:
+    x = torch.zeros(4, 2, 8, dtype=torch.bfloat16)
+    w = torch.ones(8)
+    cos = torch.ones(4, 4, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="cos, sin"):
+        torch.ops.swakv.rms_norm_rope_bf16(x, w, 1e-6, cos, torch.ones(3, 4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="cos, sin"):
+        torch.ops.swakv.rms_norm_rope_bf16(x, w, 1e-6, cos.float(), cos.float())
