@@ -179,17 +179,32 @@ at::Tensor rescale_int32(const at::Tensor& acc, const at::Tensor& sx, const at::
 
 # RMSNorm rows for bf16 models (registered beside the matmul kernel; see gemma3.rms_norm).
 NORM_SOURCE = r"""
+// Checks weight float32 [D], [1, D] or [H, D] contiguous; returns its row count W (row h % W
+// scales head h).
+static int64_t norm_weight_rows(const at::Tensor& weight, int64_t H, int64_t D) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+              weight.size(-1) == D && (weight.dim() == 1 || (weight.dim() == 2 &&
+              (weight.size(0) == H || weight.size(0) == 1))),
+              "weight float32 [D], [1, D] or [H, D] contiguous");
+  return weight.dim() == 1 ? 1 : weight.size(0);
+}
+
+// row[0:D] <- row * rsqrt(mean(row^2) + eps) * w, in fp32 (not rounded)
+static inline void rms_scale_row(float* row, const float* w, int64_t D, float eps) {
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < D; ++j) ss += row[j] * row[j];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < D; ++j) row[j] = row[j] * inv * w[j];
+}
 // out[t, h, :] = bf16(x[t, h, :] * rsqrt(mean(x[t, h, :]^2) + eps) * w[h % W, :]), fp32 math
 at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double eps_d) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && (x.dim() == 2 || x.dim() == 3) &&
               x.stride(-1) == 1, "x bf16 [T, D] or [T, H, D] with unit last stride");
   const at::Tensor x3 = x.dim() == 2 ? x.unsqueeze(1) : x;
   const int64_t T = x3.size(0), H = x3.size(1), D = x3.size(2);
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
-              weight.size(-1) == D && (weight.dim() == 1 || (weight.dim() == 2 &&
-              (weight.size(0) == H || weight.size(0) == 1))),
-              "weight float32 [D], [1, D] or [H, D] contiguous");
-  const int64_t W = weight.dim() == 1 ? 1 : weight.size(0);
+  const int64_t W = norm_weight_rows(weight, H, D);
   at::Tensor out = at::empty({T, H, D}, x.options());
   const c10::BFloat16* xd = x3.data_ptr<c10::BFloat16>();
   const float* wd = weight.data_ptr<float>();
@@ -201,13 +216,7 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double e
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r / H, h = r % H;
       load_row(xd + t * st + h * sh, row.data(), D);
-      float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t j = 0; j < D; ++j) ss += row[j] * row[j];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
-      const float* w = wd + (h % W) * D;
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) row[j] = row[j] * inv * w[j];
+      rms_scale_row(row.data(), wd + (h % W) * D, D, eps);
       store_row(row.data(), od + r * D, D);
     }
   });
@@ -232,15 +241,11 @@ at::Tensor rms_norm_rope_bf16(const at::Tensor& x, const at::Tensor& weight, dou
               "x bf16 [T, H, D] with unit last stride");
   const int64_t T = x.size(0), H = x.size(1), D = x.size(2), half = D / 2;
   TORCH_CHECK(D % 2 == 0, "even head_dim");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
-              weight.size(-1) == D && (weight.dim() == 1 || (weight.dim() == 2 &&
-              (weight.size(0) == H || weight.size(0) == 1))),
-              "weight float32 [D], [1, D] or [H, D] contiguous");
+  const int64_t W = norm_weight_rows(weight, H, D);
   TORCH_CHECK(cos.scalar_type() == at::kBFloat16 && sin.scalar_type() == at::kBFloat16 &&
               cos.is_contiguous() && sin.is_contiguous() && cos.dim() == 2 &&
               cos.sizes() == sin.sizes() && cos.size(0) == T && cos.size(1) == half,
               "cos, sin bf16 [T, D / 2] contiguous");
-  const int64_t W = weight.dim() == 1 ? 1 : weight.size(0);
   at::Tensor out = at::empty({T, H, D}, x.options());
   const c10::BFloat16* xd = x.data_ptr<c10::BFloat16>();
   const float* wd = weight.data_ptr<float>();
@@ -254,18 +259,12 @@ at::Tensor rms_norm_rope_bf16(const at::Tensor& x, const at::Tensor& weight, dou
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = r / H, h = r % H;
       load_row(xd + t * st + h * sh, row.data(), D);
-      float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t j = 0; j < D; ++j) ss += row[j] * row[j];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
-      const float* w = wd + (h % W) * D;
-#pragma omp simd
-      for (int64_t j = 0; j < D; ++j) row[j] = round_bf16(row[j] * inv * w[j]);
+      rms_scale_row(row.data(), wd + (h % W) * D, D, eps);
       load_row(cd + t * half, c.data(), half);
       load_row(sd + t * half, s.data(), half);
 #pragma omp simd
       for (int64_t j = 0; j < half; ++j) {
-        const float y1 = row[j], y2 = row[j + half];
+        const float y1 = round_bf16(row[j]), y2 = round_bf16(row[j + half]);
         row[j] = round_bf16(y1 * c[j]) - round_bf16(y2 * s[j]);
         row[j + half] = round_bf16(y2 * c[j]) + round_bf16(y1 * s[j]);
       }
