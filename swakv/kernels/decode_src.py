@@ -3,8 +3,9 @@
 DECODE_SOURCE = r"""
 constexpr int64_t kChunk = 256;  // keys per decode work unit
 // keys ahead whose rows are prefetched: B = 64 requests x 512 (1,536) keys of 16-slot
-// pages scattered over a pool bigger than the caches (the op alone, one process
-// alternating the distances, best of 4 medians), ms per call for 4 / 8 / 16 / 32 / 64:
+// pages scattered over pools of 18 (50) MB per tensor, partly L3-resident (the op alone,
+// one process alternating the distances, best of 4 medians), ms per call for 4 / 8 /
+// 16 / 32 / 64 keys ahead:
 // 1.48 / 1.23 / 1.10 / 1.09 / 1.28 (5.49 / 4.74 / 4.58 / 4.64 / 5.38)
 constexpr int64_t kPrefetch = 16;
 
