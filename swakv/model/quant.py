@@ -314,8 +314,8 @@ def _d(*steps: tuple[int, str]) -> Dispatch:
 #   64      .135/.087     .099/.081     .351/.247     .175/.183
 #   256     .499/.376     .335/.217     1.30/.759     .665/.448
 #   1024    1.95/1.11     1.27/.761     5.16/3.34     2.70/1.55
-# so w8a8 wins from 16 (qkv; a tie at 8), 32 (o), 16 (gate_up) and 96 (down) rows; the torch passes
-# it replaced had put those switches at 64, 256, 32 and 96.
+# so w8a8 wins from 16 (qkv; a tie at 8), 32 (o), 16 (gate_up) and 96 (down) rows; the
+# torch passes it replaced had put those switches at 64, 256, 32 and 96.
 # Weight-only kernels win only while reading the weights dominates (a few rows); the
 # int8 GEMM beats oneDNN's prepacked bf16 GEMM by 25-45% from a few dozen rows on for
 # the layers, and never for the LM head (its int32 -> bf16 rescale of [M, 262144]

@@ -21,6 +21,7 @@ from swakv.model.quant import (
     INT4_GROUP_SIZE,
     INT8_GROUP_SIZE,
     LINEAR_ROLES,
+    LM_HEAD_TILE_ROWS,
     DenseKernel,
     Dispatch,
     Int4WeightOnlyKernel,
@@ -260,6 +261,19 @@ def test_w8a8_kernel_matches_integer_reference(dtype: torch.dtype, rows: int) ->
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_w8a8_kernel_torch_fallback_equals_the_fused_passes(dtype: torch.dtype) -> None:
+    """Without swakv's C++ ops (another device, no compiler) the kernel's torch
+    expressions give the same bits."""
+    i8 = Int8Weights.quantize(_rand(96, 128, seed=13, scale=0.05))
+    x = _rand(33, 128, seed=14).to(dtype)
+    fused = W8A8Kernel(i8, dtype)
+    plain = W8A8Kernel(i8, dtype)
+    plain.fused = False
+    assert fused.fused
+    assert torch.equal(fused(x), plain(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, cols", [(1, 640), (3, 48), (40, 2048)])
 def test_fused_w8a8_passes_are_bit_identical_to_torch(dtype: torch.dtype, rows: int,
                                                       cols: int) -> None:
@@ -338,6 +352,20 @@ def test_quant_linear_runs_the_kernel_of_its_row_count() -> None:
     assert calls[-1] == ("w8a8", 1)
     with pytest.raises(ValueError, match="lacks"):
         lin.dispatch = Dispatch(((1, "int4"),))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 64])  # int8g below 5 rows, tiled dense from 5
+def test_quant_lm_head_into_a_buffer_equals_its_call(rows: int) -> None:
+    """QuantLinear.into (the LM head's logits workspace path) gives the bits of
+    __call__, for the weight-only kernel and for the dense kernel's row tiles."""
+    n = LM_HEAD_TILE_ROWS + 96  # two tiles, the second short
+    packed = Int8GroupWeights.quantize(_rand(n, 64, seed=15, scale=0.05))
+    lin = make_quant_linear(Quantization.INT8, "lm_head", packed, torch.bfloat16)
+    x = _rand(rows, 64, seed=16).to(torch.bfloat16)
+    buf = torch.full((rows + 1, n), float("nan"), dtype=torch.bfloat16)
+    got = lin.into(x, buf[:rows])
+    assert got.data_ptr() == buf.data_ptr()
+    assert torch.equal(got, lin(x)) and buf[rows].isnan().all()
 
 
 def test_dispatch_table_covers_every_mode_and_role() -> None:
