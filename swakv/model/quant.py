@@ -9,7 +9,9 @@ activations, vLLM's and SGLang's name for that scheme):
           w ~ q * s[group], q in [-127, 127], each group's scale snapped to a GGUF
           block grid when that holds the group exactly (quant_formats.Int8GroupWeights)
     int4  weight-only int4, asymmetric per group of INT4_GROUP_SIZE input columns:
-          w ~ (q - 8) * s + z, q in [0, 15] (torch's tinygemm convention)
+          w ~ (q - 8) * s + z, q in [0, 15] (torch's tinygemm convention), each
+          group's span snapped to a source grid when that holds it exactly
+          (quant_formats.Int4Weights)
     w8a8  int8 weights per output channel (w ~ q * s[n]) times int8 activations
           quantized per token on the fly (x ~ qx * sx, sx = max|x_row| / 127), int32
           accumulation, for the roles whose large batches run that kernel
@@ -31,12 +33,15 @@ large-batch path): with float32 activations int8 99.17% / 0.0003 (per output cha
 the earlier format, 96.4% / 0.0036: one scale per 640-wide row cannot follow the
 GGUF's per-32 block scales); with bf16 activations bf16 none 98.1% / 0.0007, int8
 98.3 / 98.0% / 0.0009 (bf16 rounding of the activations is what stops it short of
-99%), w8a8 97.4 / 95.2% / 0.002 / 0.013, int4 84.4% / 0.17. The default model's
+99%), w8a8 97.4 / 95.2% / 0.002 / 0.013, int4 85.3% / 0.16. The default model's
 weights are already 4-8-bit GGUF values (q/k/v and gate/up Q5_0, o Q4_K, down Q4_K /
-Q6_K, embedding Q8_0): int4 must drop a bit of every Q5_0 value and four of every
-Q8_0 one, which no data-free rounding recovers (an MSE-searched clipping range gained
-under 10%; q/k/v and gate/up in per-channel int8 instead: 90.1%; only the LM head in
-int4, the rest grouped int8: 91.3%).
+Q6_K, embedding Q8_0): int4 holds the Q4_K groups exactly (each group's span snapped
+to the source grid: o alone in int4 then costs nothing, it cost 2.9 points with plain
+min/max groups) but must drop a bit of every Q5_0 value and four of every Q8_0 one.
+Each of q/k/v, gate/up, down and the LM head alone in int4 costs 6-9 points of
+top-1 with float32 activations, and neither data-free rounding (an MSE-searched
+clipping range gained under 10%) nor calibrated GPTQ recovers enough
+(bench/int4_sensitivity.py).
 
 Memory: the dense copies are kept because every role's dispatch needs them, so
 `int8` / `int4` / `w8a8` hold the packed weights in addition to what `none` holds

@@ -6,7 +6,8 @@ Layout: `<dir>/<format>-<digest[:16]>.safetensors`, where
   writes into a user's model directory);
 - `<format>` names the mode's packed formats: "int8-g<group size>" (int8),
   "w8a8-g<group size>" (per output channel int8 where the w8a8 kernel runs, grouped
-  int8 elsewhere: `quant.weight_format`) or "int4-g<group size>";
+  int8 elsewhere: `quant.weight_format`) or "int4s-g<group size>" (int4, spans
+  snapped to a source grid);
 - `<digest>` is the sha256 of the format version, the format and every source tensor
   (name, dtype, shape and bytes, in name order).
 The file holds, per linear name, the plain tensors of its packed weights
@@ -46,7 +47,7 @@ log = logging.getLogger("swakv.model")
 
 def packed_format(mode: Quantization) -> str:
     if mode is Quantization.INT4:
-        return f"int4-g{INT4_GROUP_SIZE}"
+        return f"int4s-g{INT4_GROUP_SIZE}"  # "s": scales snapped to a source grid
     if mode is Quantization.INT8:
         return f"int8-g{INT8_GROUP_SIZE}"
     if mode is Quantization.W8A8:

@@ -19,6 +19,8 @@ INT8_MAX = 127
 # blocks (Q8_0: |q| <= 127; Q6_K: q in [-32, 31]; Q5_0: [-16, 15]; Q4_0: [-8, 7]), on
 # which such a group is then held exactly.
 INT8_GRID_DIVISORS = (127, 64, 63, 32, 31, 16, 15, 8, 7)
+# int4 groups map their [min, max] onto q = 0..j for one of these spans (see Int4Weights)
+INT4_GRID_SPANS = tuple(range(15, 0, -1))
 _QUANTIZE_ROWS = 8192  # rows quantized at once (bounds the fp32 temporaries)
 
 
@@ -117,8 +119,10 @@ class Int4Weights:
     `packed` uint8 [N, K / 2] holds two values per byte: column 2j in the low nibble,
     2j + 1 in the high nibble (a device-independent format; kernels repack it).
     scales, zeros fp32 [N, K / group_size]. Quantization maps each group's min to q 0
-    and max to q 15, so a group already on a 16-level grid (GGUF Q4_K) is kept exactly
-    up to the rounding of its scale and zero.
+    and its max to q = j for the j in INT4_GRID_SPANS with the least largest error
+    (the first, 15, on ties): a group on a 16-level grid (GGUF Q4_K) that spans only
+    q_min..q_max of it is kept exactly with j = q_max - q_min, up to the rounding of
+    its scale and zero; any other group is within half a step, (max - min) / 30.
     """
 
     packed: torch.Tensor
@@ -131,13 +135,14 @@ class Int4Weights:
         n, k = w.shape
         if k % group_size or group_size % 2:
             raise ValueError(f"in_features {k} is not a multiple of int4 group {group_size}")
-        g = w.float().reshape(n, k // group_size, group_size)
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scales = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(lo))
-        q = torch.round((g - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8)
-        zeros = lo + 8 * scales
-        return cls(pack_int4(q.reshape(n, k)), scales.contiguous(), zeros.contiguous(),
-                   group_size)
+        qs, ss, zs = [], [], []
+        for r0 in range(0, n, _QUANTIZE_ROWS):
+            q, scales, lo = _quantize_int4_groups(w[r0 : r0 + _QUANTIZE_ROWS].float(), group_size)
+            qs.append(pack_int4(q))
+            ss.append(scales)
+            zs.append(lo + 8 * scales)
+        return cls(torch.cat(qs).contiguous(), torch.cat(ss).contiguous(),
+                   torch.cat(zs).contiguous(), group_size)
 
     def unpack(self) -> torch.Tensor:
         """q uint8 [N, K] in [0, 15]."""
@@ -154,6 +159,28 @@ class Int4Weights:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
+
+
+def _quantize_int4_groups(w: torch.Tensor, group_size: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 w [n, k] -> (q uint8 [n, k] in [0, 15], scales, mins fp32 [n, k / group])
+    per Int4Weights: w ~ q * scale + min."""
+    n, k = w.shape
+    g = w.view(n, k // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    best_q = best_s = best_err = None
+    for span in INT4_GRID_SPANS:
+        s = torch.where(hi > lo, (hi - lo) / span, torch.ones_like(lo))
+        q = torch.round((g - lo[..., None]) / s[..., None]).clamp_(0, span)
+        err = (q * s[..., None] + lo[..., None] - g).abs().amax(dim=-1)
+        if best_err is None:
+            best_q, best_s, best_err = q, s, err
+            continue
+        better = err < best_err
+        best_q = torch.where(better[..., None], q, best_q)
+        best_s = torch.where(better, s, best_s)
+        best_err = torch.minimum(err, best_err)
+    return best_q.view(n, k).to(torch.uint8), best_s, lo  # type: ignore[union-attr]
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

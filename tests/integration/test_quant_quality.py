@@ -67,4 +67,4 @@ def test_quantized_modes_track_float32(tmp_path: Path, monkeypatch: pytest.Monke
             if s.top1 < min_top1 or s.kl_mean > max_kl:
                 failures.append(f"{mode}/{path}")
     assert not failures, f"out of bounds: {failures}\n{table}"
-    assert len(list((tmp_path / "quant").iterdir())) == 3  # int8-g32, w8a8-g32, int4-g32
+    assert len(list((tmp_path / "quant").iterdir())) == 3  # int8-g32, w8a8-g32, int4s-g32

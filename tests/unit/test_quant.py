@@ -138,6 +138,27 @@ def test_int4_quantize_keeps_a_16_level_grid_exactly() -> None:
     assert torch.equal(packed.zeros, (offset + 8 * step).expand(n, 2))
 
 
+def test_int4_groups_on_a_narrower_grid_round_trip_exactly() -> None:
+    """A group that uses only levels q_min..q_max of a 16-level grid (a GGUF Q4_K
+    sub-block that does not reach both ends) is held exactly: its [min, max] maps onto
+    q = 0..(q_max - q_min), not onto a finer 0..15 grid that misses its values."""
+    n, k = 3, 2 * INT4_GROUP_SIZE
+    span = torch.tensor([11, 6, 1])[:, None]  # levels used per row: 0..span
+    q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(6)) % (span + 1)
+    q[:, 0], q[:, 1] = 0, span[:, 0]
+    q[:, INT4_GROUP_SIZE], q[:, INT4_GROUP_SIZE + 1] = 0, span[:, 0]
+    step = torch.tensor([0.375, 0.0625, 3.0])[:, None]
+    w = (q + 2).float() * step - 1.0  # levels 2..2 + span of a grid starting at -1
+    packed = Int4Weights.quantize(w)
+    assert torch.equal(packed.dequantize(), w)
+    ratio = step / packed.scales  # the chosen grid is the source's or a refinement of it
+    assert torch.equal(ratio, ratio.round())
+    # a min/max mapping onto 0..15 would leave most of these values between levels
+    plain = (w.view(n, 2, -1) - w.view(n, 2, -1).amin(-1, keepdim=True)) / (
+        (w.view(n, 2, -1).amax(-1) - w.view(n, 2, -1).amin(-1)) / 15)[..., None]
+    assert not torch.equal(plain, plain.round())
+
+
 def test_int4_quantize_error_bound_and_bad_group() -> None:
     w = _rand(24, 128, seed=5)
     packed = Int4Weights.quantize(w)
@@ -513,8 +534,8 @@ def test_cache_key_follows_the_source_weights(tmp_path: Path) -> None:
     changed = dict(sources, lm_head=sources["lm_head"] + 1e-3)
     load_or_quantize(Quantization.INT4, changed, tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert len(names) == 2 and all(n.startswith("int4-g32-") for n in names)
-    assert source_digest("int4-g32", sources) != source_digest("int4-g32", changed)
+    assert len(names) == 2 and all(n.startswith("int4s-g32-") for n in names)
+    assert source_digest("int4s-g32", sources) != source_digest("int4s-g32", changed)
 
 
 def test_cache_unwritable_dir_still_quantizes(tmp_path: Path) -> None:
