@@ -35,7 +35,7 @@ from quant_quality import Comparison, Scorer, fixed_prompts
 from swakv.model.gemma3 import Gemma3Model
 from swakv.model.loader import load_model_dir, resolve_model
 from swakv.model.quant import DenseKernel, role_of
-from swakv.model.quant_formats import INT4_GROUP_SIZE, Int4Weights, _quantize_int4_groups
+from swakv.model.quant_formats import INT4_GROUP_SIZE, Int4Weights, quantize_int4_groups
 from swakv.model.tokenizer import Tokenizer
 
 CALIBRATION_MODULES = (
@@ -113,7 +113,7 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01, block:
             for i in range(c1 - c0):
                 if (c0 + i) % INT4_GROUP_SIZE == 0:  # the group's grid, from its current values
                     g = w1[:, i : i + INT4_GROUP_SIZE].contiguous()
-                    _, scale, lo = _quantize_int4_groups(g, INT4_GROUP_SIZE)
+                    _, scale, lo = quantize_int4_groups(g, INT4_GROUP_SIZE)
                     span = torch.round((g.amax(1, keepdim=True) - lo) / scale)
                 q = torch.minimum(torch.round((w1[:, i : i + 1] - lo) / scale).clamp(min=0), span)
                 deq = (q * scale + lo)[:, 0]

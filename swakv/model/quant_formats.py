@@ -137,7 +137,7 @@ class Int4Weights:
             raise ValueError(f"in_features {k} is not a multiple of int4 group {group_size}")
         qs, ss, zs = [], [], []
         for r0 in range(0, n, _QUANTIZE_ROWS):
-            q, scales, lo = _quantize_int4_groups(w[r0 : r0 + _QUANTIZE_ROWS].float(), group_size)
+            q, scales, lo = quantize_int4_groups(w[r0 : r0 + _QUANTIZE_ROWS].float(), group_size)
             qs.append(pack_int4(q))
             ss.append(scales)
             zs.append(lo + 8 * scales)
@@ -161,7 +161,7 @@ class Int4Weights:
         return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros}
 
 
-def _quantize_int4_groups(w: torch.Tensor, group_size: int
+def quantize_int4_groups(w: torch.Tensor, group_size: int
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 w [n, k] -> (q uint8 [n, k] in [0, 15], scales, mins fp32 [n, k / group])
     per Int4Weights: w ~ q * scale + min."""
