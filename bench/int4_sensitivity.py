@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 
 import torch
-from quant_quality import Comparison, Scorer, fixed_prompts
+from quant_quality import Scorer, load_with_prompts, score
 
 from swakv.model.gemma3 import Gemma3Model
-from swakv.model.loader import load_model_dir, resolve_model
 from swakv.model.quant import DenseKernel, role_of
 from swakv.model.quant_formats import INT4_GROUP_SIZE, Int4Weights, quantize_int4_groups
 from swakv.model.tokenizer import Tokenizer
@@ -135,10 +134,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/int4_sensitivity.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = resolve_model(args.model)
-    loaded = load_model_dir(path)
-    tok = Tokenizer.from_dir(path, extra_eos_ids=loaded.spec.eos_token_ids)
-    prompts = [tok.encode(p, add_bos=True) for p in fixed_prompts()]
+    loaded, tok, prompts = load_with_prompts(args.model)
     model = Gemma3Model(loaded.spec, loaded.weights, torch.float32, prepack=False)
     exact = {name: lin._plain.clone() for name, lin in model.linears.items()}
     ref = Scorer(model, torch.float32)
@@ -163,11 +159,7 @@ def main() -> None:
                 eff = Int4Weights.quantize(w).dequantize(torch.float32)
             set_linear(model, name, DenseKernel(eff, torch.float32, prepack=False))
         seconds = time.perf_counter() - t0
-        cmp = Comparison()
-        scorer = Scorer(model, torch.float32)
-        for p, t, r in zip(prompts, tokens, ref_lps):
-            cmp.add(r, scorer.continuation_logits(p, t), t)
-        top1, kl, kl_max, _ = cmp.result()
+        top1, kl, kl_max, _ = score(model, torch.float32, prompts, tokens, ref_lps)
         results.append({"variant": variant, "top1": top1, "kl_mean": kl, "kl_max": kl_max})
         print(f"{variant:<16} {100 * top1:>7.2f}% {kl:>9.4f} {kl_max:>8.3f} {seconds:>10.1f}",
               flush=True)

@@ -238,6 +238,27 @@ class Comparison:
         return self.agree / kl.numel(), float(kl.mean()), float(kl.max()), int(kl.numel())
 
 
+def load_with_prompts(model: str | None) -> tuple[LoadedModel, Tokenizer, list[list[int]]]:
+    """The model (`--model`, default: the packaged one), its tokenizer and the fixed
+    prompts as token ids."""
+    path = resolve_model(model)
+    loaded = load_model_dir(path)
+    tok = Tokenizer.from_dir(path, extra_eos_ids=loaded.spec.eos_token_ids)
+    return loaded, tok, [tok.encode(p, add_bos=True) for p in fixed_prompts()]
+
+
+def score(model: Gemma3Model, dtype: torch.dtype, prompts: Sequence[list[int]],
+          tokens: Sequence[list[int]], ref_logprobs: Sequence[torch.Tensor]
+          ) -> tuple[float, float, float, int]:
+    """(top-1 agreement, mean KL, max KL, positions) of `model` teacher-forced on every
+    prompt + continuation against the reference log-probabilities."""
+    scorer = Scorer(model, dtype)
+    cmp = Comparison()
+    for p, t, ref_lp in zip(prompts, tokens, ref_logprobs):
+        cmp.add(ref_lp, scorer.continuation_logits(p, t), t)
+    return cmp.result()
+
+
 PATHS = ("small", "large")  # the first / last kernel of every linear's dispatch
 
 
@@ -290,11 +311,7 @@ def _score_mode(loaded: LoadedModel, mode: str, dtype: torch.dtype,
                 lin.dispatch = dispatch  # type: ignore[union-attr]
             kernel = force_path(model, path)
         t0 = time.perf_counter()
-        scorer = Scorer(model, dtype)
-        cmp = Comparison()
-        for p, t, ref_lp in zip(prompts, tokens, ref_logprobs):
-            cmp.add(ref_lp, scorer.continuation_logits(p, t), t)
-        top1, kl, kl_max, n = cmp.result()
+        top1, kl, kl_max, n = score(model, dtype, prompts, tokens, ref_logprobs)
         scores.append(Score(mode, str(dtype).removeprefix("torch."), path, kernel, top1, kl,
                             kl_max, n, time.perf_counter() - t0))
     return scores
@@ -319,10 +336,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/quant_quality.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    path = resolve_model(args.model)
-    loaded = load_model_dir(path)
-    tok = Tokenizer.from_dir(path, extra_eos_ids=loaded.spec.eos_token_ids)
-    prompts = [tok.encode(p, add_bos=True) for p in fixed_prompts()]
+    loaded, _, prompts = load_with_prompts(args.model)
     lengths = sorted(len(p) for p in prompts)
     print(f"{len(prompts)} prompts, {lengths[0]}-{lengths[-1]} tokens "
           f"({sum(n > 512 for n in lengths)} beyond 512), {args.new_tokens} tokens each")

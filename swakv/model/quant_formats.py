@@ -7,6 +7,7 @@ the float weights by `quantize` (and cached on disk by swakv.model.quant_cache),
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -96,19 +97,27 @@ def _quantize_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     n, k = w.shape
     g = w.view(n, k // group_size, group_size)
     amax = g.abs().amax(dim=-1)
-    best_q = best_s = best_err = None
-    for j in INT8_GRID_DIVISORS:
+
+    def grid(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = torch.where(amax > 0, amax / j, torch.ones_like(amax))
         q = torch.round(g / s[..., None]).clamp_(-INT8_MAX, INT8_MAX)
-        err = (q * s[..., None] - g).abs().amax(dim=-1)
-        if best_err is None:
-            best_q, best_s, best_err = q, s, err
-            continue
+        return q, s, (q * s[..., None] - g).abs().amax(dim=-1)
+
+    q, s = _least_error(grid(j) for j in INT8_GRID_DIVISORS)
+    return q.view(n, k).to(torch.int8), s
+
+
+def _least_error(grids: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the (q [n, G, group], scale [n, G]) of the first of `grids` (q, scale,
+    largest error [n, G]) with the least largest error."""
+    best_q, best_s, best_err = next(grids)
+    for q, s, err in grids:
         better = err < best_err
         best_q = torch.where(better[..., None], q, best_q)
         best_s = torch.where(better, s, best_s)
         best_err = torch.minimum(err, best_err)
-    return best_q.view(n, k).to(torch.int8), best_s  # type: ignore[union-attr]
+    return best_q, best_s
 
 
 @dataclass(frozen=True)
@@ -168,19 +177,14 @@ def quantize_int4_groups(w: torch.Tensor, group_size: int
     n, k = w.shape
     g = w.view(n, k // group_size, group_size)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    best_q = best_s = best_err = None
-    for span in INT4_GRID_SPANS:
+
+    def grid(span: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = torch.where(hi > lo, (hi - lo) / span, torch.ones_like(lo))
         q = torch.round((g - lo[..., None]) / s[..., None]).clamp_(0, span)
-        err = (q * s[..., None] + lo[..., None] - g).abs().amax(dim=-1)
-        if best_err is None:
-            best_q, best_s, best_err = q, s, err
-            continue
-        better = err < best_err
-        best_q = torch.where(better[..., None], q, best_q)
-        best_s = torch.where(better, s, best_s)
-        best_err = torch.minimum(err, best_err)
-    return best_q.view(n, k).to(torch.uint8), best_s, lo  # type: ignore[union-attr]
+        return q, s, (q * s[..., None] + lo[..., None] - g).abs().amax(dim=-1)
+
+    q, s = _least_error(grid(span) for span in INT4_GRID_SPANS)
+    return q.view(n, k).to(torch.uint8), s, lo
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
