@@ -217,12 +217,9 @@ def test_killed_prefill_worker_fails_fast_and_a_new_one_takes_over(cluster, refe
     import openai
 
     router, prefill, decode = cluster["router"], cluster["prefill"], cluster["decode"]
-    baseline = scrape(decode.url)
     api = client(router.url)
-    text = text_of_tokens(reference, 3000, seed=77)
-    result: dict = {}
 
-    def run() -> None:
+    def run(text: str, result: dict) -> None:
         t0 = time.monotonic()
         try:
             stream = api.chat.completions.create(
@@ -233,12 +230,30 @@ def test_killed_prefill_worker_fails_fast_and_a_new_one_takes_over(cluster, refe
             result["error"] = e
         result["seconds"] = time.monotonic() - t0
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while scrape(prefill.url).get("swakv_num_requests_running", 0) < 1:
-        assert time.monotonic() < deadline and thread.is_alive(), "prefill never started"
-        time.sleep(0.01)
+    # Freeze the prefill worker while the decode worker still waits for the request's
+    # KV, then kill it. The tiny model prefills 3,000 tokens in tens of ms, so the
+    # transfer can finish before the signal lands: such a try (a normal request) is
+    # let go and another prompt tried, with a fresh baseline.
+    for attempt in range(10):
+        baseline = scrape(decode.url)
+        text = text_of_tokens(reference, 3000, seed=77 + attempt)
+        result: dict = {}
+        thread = threading.Thread(target=run, args=(text, result))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while (scrape(prefill.url).get("swakv_num_requests_running", 0) < 1
+               and thread.is_alive()):
+            assert time.monotonic() < deadline, "prefill never started"
+            time.sleep(0.005)
+        prefill.proc.send_signal(signal.SIGSTOP)
+        if scrape(decode.url)['swakv_pd_inflight_requests{role="decode"}'] >= 1:
+            print(f"\nprefill stopped mid-transfer on try {attempt + 1}")
+            break  # the stopped prefill worker still owes this request's KV
+        prefill.proc.send_signal(signal.SIGCONT)
+        thread.join(60)
+        assert "text" in result, result
+    else:
+        pytest.fail("every request's KV arrived before its prefill worker could be stopped")
     prefill.proc.send_signal(signal.SIGKILL)
     prefill.proc.wait(10)
     thread.join(60)
