@@ -114,12 +114,6 @@ static inline void accumulate_pv(const float* p, int64_t p_stride, int64_t G,
 }
 
 #if defined(__AVX512BF16__)
-static inline uint32_t bf16_bits(float f) {  // round to nearest even (f finite)
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-}
-
 // bf16 V, G <= 4, D % 64 == 0: acc[g][0:D] = sum_j bf16(p[g * p_stride + j]) * V[slots[j], h, :]
 // in fp32, two keys per bf16 dot-product instruction: the rows of keys 2i and 2i + 1
 // are interleaved (unpack lo / hi within 128-bit lanes), so accumulator lane 4 l + t of

@@ -83,6 +83,21 @@ namespace {
 
 
 
+// bf16 bits of f rounded to nearest, ties to even (f finite)
+static inline uint32_t bf16_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+}
+
+// f rounded to the nearest bf16 value, ties to even (f finite)
+static inline float round_bf16(float f) {
+  const uint32_t bits = bf16_bits(f) << 16;
+  float r;
+  std::memcpy(&r, &bits, sizeof(r));
+  return r;
+}
+
 // exp(x) for x <= 0 (softmax arguments), about 1 ulp; vectorisable (no libm call).
 static inline float exp_nonpos(float x) {
   x = x < -87.0f ? -87.0f : x;

@@ -223,15 +223,6 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double e
   return x.dim() == 2 ? out.squeeze(1) : out;
 }
 
-static inline float round_bf16(float f) {  // f rounded to the nearest bf16, ties to even
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-  float r;
-  std::memcpy(&r, &bits, sizeof(r));
-  return r;
-}
-
 // rms_norm_bf16 of x [T, H, D], then RoPE with half-width cos / sin [T, D / 2] (bf16):
 // y = bf16(norm); out[:half] = bf16(bf16(y1 c) - bf16(y2 s)), out[half:] =
 // bf16(bf16(y2 c) + bf16(y1 s)): every rounding of gemma3's two-step torch path.

@@ -229,13 +229,11 @@ class W8A8Kernel:
         self.fused = w.qweight.device.type == "cpu" and cpu_kernels_available()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused:
-            qx, sx = quantize_per_token(x)
-            acc = torch._int_mm(qx, self.qweight_t)
-            return (acc.float().mul_(sx).mul_(self.scales)).to(x.dtype)
-        qx, sx = torch.ops.swakv.quantize_rows_int8(x)
+        qx, sx = torch.ops.swakv.quantize_rows_int8(x) if self.fused else quantize_per_token(x)
         acc = torch._int_mm(qx, self.qweight_t)
-        return torch.ops.swakv.rescale_int32(acc, sx, self.scales, x.dtype)
+        if self.fused:
+            return torch.ops.swakv.rescale_int32(acc, sx, self.scales, x.dtype)
+        return (acc.float().mul_(sx).mul_(self.scales)).to(x.dtype)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,8 +321,9 @@ def _d(*steps: tuple[int, str]) -> Dispatch:
 # torch passes it replaced had put those switches at 64, 256, 32 and 96.
 # Weight-only kernels win only while reading the weights dominates (a few rows); the
 # int8 GEMM beats oneDNN's prepacked bf16 GEMM by 25-45% from a few dozen rows on for
-# the layers, and never for the LM head (its int32 -> bf16 rescale of [M, 262144]
-# costs more than the GEMM saves). The w8a8 mode does not use it for `down` although
+# the layers. Not for the LM head: even with the C++ rescale of its [M, 262144] int32
+# sums, tiled like the dense LM head, it took 23.6 ms at M = 64 vs 25.5 dense, and its
+# per-channel weights cost top-1 agreement that its grouped int8 keeps. The w8a8 mode does not use it for `down` although
 # it is 30-40% faster there from 96 rows: down's input, GELU(gate) * up, has outlier
 # channels that per-token int8 rounds worst (bench/quant_quality.py subset, KL over
 # bf16 with only that role on w8a8: down +0.014, qkv +0.007, gate_up +0.006, o +0.001)

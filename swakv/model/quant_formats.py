@@ -171,7 +171,7 @@ class Int4Weights:
 
 
 def quantize_int4_groups(w: torch.Tensor, group_size: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 w [n, k] -> (q uint8 [n, k] in [0, 15], scales, mins fp32 [n, k / group])
     per Int4Weights: w ~ q * scale + min."""
     n, k = w.shape

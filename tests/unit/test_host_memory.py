@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -28,8 +29,6 @@ def test_zeros_of_the_shape_and_writable(dtype: torch.dtype) -> None:
 
 def test_views_keep_the_mapping_alive() -> None:
     view = zeroed_tensor((4096, 256), torch.bfloat16, torch.device("cpu"))[100:200]
-    import gc
-
     gc.collect()
     view.fill_(2.0)
     assert view.float().sum().item() == 100 * 256 * 2.0
