@@ -76,8 +76,8 @@ class KVPool:
     def write(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v ([n, kv_heads, head_dim]) at pool slots (already translated)."""
         kb, vb = self.buffers(layer_id)
-        kb[slots] = k.to(kb.dtype)
-        vb[slots] = v.to(vb.dtype)
+        kb.index_copy_(0, slots, k.to(kb.dtype))
+        vb.index_copy_(0, slots, v.to(vb.dtype))
 
     def check_integrity(self) -> None:
         """Every layer has K and V of its kind's shape, sized to its pool's slots."""
