@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--quantization", default="none")
     ap.add_argument("--kv-memory", type=float, default=4 << 30)
     ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--chunk-size", type=int, default=EngineConfig.chunk_size)
     ap.add_argument("--max-running", type=int, default=64)
     ap.add_argument("--sessions", type=int, default=64)
     ap.add_argument("--turns", type=int, default=4)

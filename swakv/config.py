@@ -255,7 +255,7 @@ class EngineConfig:
         "most requests decoding or prefilling at once", default=64,
         aliases=("--max-num-seqs", "--parallel"))
     chunk_size: int = _help(
-        "most prompt tokens prefilled per step (chunked prefill)", default=512,
+        "most prompt tokens prefilled per step (chunked prefill)", default=1024,
         aliases=("--max-num-batched-tokens", "--chunked-prefill-size"))
     max_context: int | None = _help(
         "longest prompt + output in tokens; default: the model's limit", default=None,

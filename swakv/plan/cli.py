@@ -38,11 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--context", default="8k,32k,128k",
                    help="context lengths (prompt + output tokens), k = 1024 (default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, default=512,
+    p.add_argument("--chunk-size", type=int, default=SwakvKnobs.chunk_size,
                    help="swakv prefill chunk (default: %(default)s)")
-    p.add_argument("--decode-reserve", type=int, default=256,
+    p.add_argument("--decode-reserve", type=int, default=SwakvKnobs.decode_reserve,
                    help="swakv decode reserve (default: %(default)s)")
-    p.add_argument("--frontier-stride", type=int, default=64,
+    p.add_argument("--frontier-stride", type=int, default=SwakvKnobs.frontier_stride,
                    help="swakv SWA frontier stride (default: %(default)s)")
     p.add_argument("--sglang-swa-ratio", type=float, default=0.8,
                    help="SGLang swa_full_tokens_ratio (default: %(default)s)")

@@ -91,10 +91,12 @@ class Capacity:
 
 @dataclass(frozen=True)
 class SwakvKnobs:
-    page_size: int = 16
-    chunk_size: int = 512
-    decode_reserve: int = 256
-    frontier_stride: int = 64
+    """The engine settings swakv's sizing depends on; defaults are `swakv serve`'s."""
+
+    page_size: int = EngineConfig.page_size
+    chunk_size: int = EngineConfig.chunk_size
+    decode_reserve: int = EngineConfig.decode_reserve
+    frontier_stride: int = EngineConfig.frontier_stride
 
     def __post_init__(self) -> None:
         for name in ("page_size", "chunk_size", "decode_reserve", "frontier_stride"):
