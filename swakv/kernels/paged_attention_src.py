@@ -33,6 +33,17 @@ Registered as torch ops in namespace `swakv`:
   q . k for keys [key_lo, key_hi); products of bf16 are exact in fp32 and summed in
   fp32 (a register-blocked 8 rows x 32 keys micro-kernel). Needs AVX512-BF16
   (`bf16_dot_supported()`).
+- `pack_values_bf16(v [N, D] bf16, rows may be strided) -> packed [ceil(N / 2), D, 2]` with
+  packed[p, d, e] = v[2 p + e, d] (0 past N): key pairs per column for P x V.
+- `flash_extend_bf16(q [n, G, D] bf16, packed_k, packed_v, out [n, G, D] bf16 (unit last
+  strides), q_pos0, key_pos, window, scale, softcap) -> out`: fused prefill attention of
+  one KV head: query i (position q_pos0 + i) of each of the G heads sees key columns
+  [lo, hi) with hi = q_pos0 + i + 1 - key_pos and lo = max(0, hi - window) (window > 0)
+  or 0; column c is key position key_pos + c. Tiles of 64 stacked query rows walk
+  their keys 32 at a time (8-row register blocks): q.k exact bf16 products in fp32, an
+  online softmax in fp32, the unnormalised probabilities rounded to bf16 for P x V
+  (fp32 sums), one division by the row sum at the end. No score matrix is stored and
+  no masked key is multiplied. D % 32 == 0; needs AVX512-BF16.
 - `int8_group_mm(x [M, K] float32|bfloat16, qweight int8 [N, K], scales float32
   [N, K / group], group) -> [M, N] in x's dtype`: weight-only int8 with one scale per
   `group` input columns (group a multiple of 16 dividing K), fp32 sums (see
@@ -56,6 +67,7 @@ Registered as torch ops in namespace `swakv`:
 
 from swakv.kernels.decode_src import DECODE_SOURCE
 from swakv.kernels.extend_src import EXTEND_SOURCE
+from swakv.kernels.flash_src import FLASH_SOURCE
 from swakv.kernels.quant_src import NORM_SOURCE, QUANT_SOURCE, W8A8_SOURCE
 
 # includes and helpers shared by both kernel families; opens the anonymous namespace
@@ -189,6 +201,9 @@ TORCH_LIBRARY(swakv, m) {
   m.def("pack_keys_bf16(Tensor k) -> Tensor");
   m.def("qk_scores_bf16(Tensor q, Tensor packed, int key_lo, int key_hi) -> Tensor");
   m.def("bf16_dot_supported() -> bool");
+  m.def("pack_values_bf16(Tensor v) -> Tensor");
+  m.def("flash_extend_bf16(Tensor q, Tensor packed_k, Tensor packed_v, Tensor(a!) out, int q_pos0, "
+        "int key_pos, int window, float scale, float softcap) -> Tensor(a!)");
   m.def("int8_group_mm(Tensor x, Tensor qweight, Tensor scales, int group) -> Tensor");
   m.def("rms_norm_bf16(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("gelu_tanh_mul_bf16(Tensor gate_up) -> Tensor");
@@ -202,6 +217,8 @@ TORCH_LIBRARY_IMPL(swakv, CPU, m) {
   m.impl("masked_softmax_out", &masked_softmax_out);
   m.impl("pack_keys_bf16", &pack_keys_bf16);
   m.impl("qk_scores_bf16", &qk_scores_bf16);
+  m.impl("pack_values_bf16", &pack_values_bf16);
+  m.impl("flash_extend_bf16", &flash_extend_bf16);
   m.impl("int8_group_mm", &int8_group_mm);
   m.impl("rms_norm_bf16", &rms_norm_bf16);
   m.impl("gelu_tanh_mul_bf16", &gelu_tanh_mul_bf16);
@@ -215,5 +232,5 @@ TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {
 }
 """
 
-SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, QUANT_SOURCE, W8A8_SOURCE, NORM_SOURCE,
+SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, FLASH_SOURCE, QUANT_SOURCE, W8A8_SOURCE, NORM_SOURCE,
                     REGISTRATION_SOURCE))

@@ -404,9 +404,10 @@ def _extend(
     kernels: bool,
     out: torch.Tensor,
 ) -> None:
-    """Attention of one extend item's queries, written into out[tok_lo:tok_hi] per block.
+    """Attention of one extend item's queries, written into out[tok_lo:tok_hi].
 
-    Per KV head h, a block's stacked query matrix [nq * G, D] has row i * G + g for
+    bf16 with AVX512-BF16 (head_dim a multiple of 32) takes the fused kernel
+    (`_flash_extend`). Otherwise, per block and KV head h, the block's stacked query matrix [nq * G, D] has row i * G + g for
     query i and head h * G + g. Scores are fp32 (bf16 inputs: exact products summed in
     fp32 by the C++ bf16 dot kernel over keys packed once per item, or an fp32 GEMM);
     probabilities are cast to q's dtype for the P x V GEMM. Keys are read through
@@ -418,6 +419,9 @@ def _extend(
     k_all = kb.index_select(0, slots).to(q.dtype)  # [K, kvh, D]
     v_all = vb.index_select(0, slots).to(q.dtype)
     bf16_dot = kernels and q.dtype == torch.bfloat16 and _bf16_dot_supported()
+    if bf16_dot and _flash_fits(dim):
+        _flash_extend(q, k_all, v_all, item, group, scale, softcap, out)
+        return
     for h in range(kv_heads):
         packed = torch.ops.swakv.pack_keys_bf16(k_all[:, h]) if bf16_dot else None
         for blk in item.blocks:
@@ -438,6 +442,29 @@ def _extend(
                 probs = _masked_softmax(scores, blk, group, scale, softcap).to(q.dtype)
             o = torch.mm(probs, v_all[blk.key_lo : blk.key_hi, h])  # [nq * G, D]
             out[blk.tok_lo : blk.tok_hi, h * group * dim : (h + 1) * group * dim] = o.view(nq, group * dim)
+
+
+def _flash_fits(dim: int) -> bool:
+    return dim % 32 == 0
+
+
+def _flash_extend(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, item: ExtendItem,
+                  group: int, scale: float, softcap: float | None, out: torch.Tensor) -> None:
+    """bf16: each KV head's queries of the whole item in one fused kernel (QK, online
+    softmax and P x V per 8 stacked query rows x 32 keys, no score matrix); each query
+    reads only the keys it sees, so the item's blocks are not needed."""
+    first, last = item.blocks[0], item.blocks[-1]
+    n, dim = last.tok_hi - first.tok_lo, q.shape[2]
+    window = first.window or 0
+    for h in range(k_all.shape[1]):
+        heads = slice(h * group, (h + 1) * group)
+        dst = out[first.tok_lo : last.tok_hi, h * group * dim : (h + 1) * group * dim].view(n, group, dim)
+        torch.ops.swakv.flash_extend_bf16(
+            q[first.tok_lo : last.tok_hi, heads],
+            torch.ops.swakv.pack_keys_bf16(k_all[:, h]),
+            torch.ops.swakv.pack_values_bf16(v_all[:, h]),
+            dst, first.q_pos, item.key_pos, window, scale, softcap or 0.0,
+        )
 
 
 @cache

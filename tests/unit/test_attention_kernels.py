@@ -122,8 +122,14 @@ def test_mixed_batch_matches_reference_fp32(backend: str, page: int, window: int
 
 
 @pytest.mark.parametrize(("page", "window"), [(1, None), (4, 3), (16, 40)])
-def test_mixed_batch_bf16_within_bf16_tolerance(backend: str, page: int, window: int | None) -> None:
-    pool, table, alloc, items, hk, hv, q, k, v = _scenario(page, window, 1, torch.bfloat16, 3)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_mixed_batch_bf16_within_bf16_tolerance(backend: str, page: int, window: int | None, fused: bool,
+                                                kv_heads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 extends take the fused kernel (`fused`) or the per-block kernels."""
+    if not fused:
+        monkeypatch.setattr(attention, "_flash_fits", lambda dim: False)
+    pool, table, alloc, items, hk, hv, q, k, v = _scenario(page, window, kv_heads, torch.bfloat16, 3)
     meta = build_attention_metadata(items, table.slots, alloc, window)
     plan = meta.full if window is None else meta.sliding
     assert plan is not None
@@ -200,6 +206,43 @@ def test_bf16_dot_kernel_gives_fp32_scores(num_keys: int, key_lo: int, key_hi: i
     ref = q.double() @ keys[key_lo:key_hi].double().t()
     assert scores.dtype == torch.float32 and scores.shape == (rows, key_hi - key_lo)
     torch.testing.assert_close(scores.double(), ref, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("n", "group", "q_pos0", "key_pos", "window", "softcap"),
+                         [(1, 4, 0, 0, 0, 0.0), (37, 4, 0, 0, 0, 0.0), (21, 4, 60, 0, 0, 0.0),
+                          (50, 4, 90, 75, 16, 0.0), (13, 2, 40, 9, 32, 2.5), (9, 1, 5, 0, 0, 0.0),
+                          (70, 4, 700, 189, 512, 0.0)])
+def test_flash_extend_kernel_matches_softmax_attention(n: int, group: int, q_pos0: int, key_pos: int,
+                                                       window: int, softcap: float) -> None:
+    """Fused prefill attention: query i (position q_pos0 + i) of each head sees key
+    positions [max(key_pos, pos - window + 1), pos] (window 0: from key_pos), read from
+    strided q / out views and packed strided keys and values."""
+    assert cpu_build.cpu_kernels_available()
+    if not torch.ops.swakv.bf16_dot_supported():
+        return
+    g = torch.Generator().manual_seed(n * 7 + group)
+    dim, num_keys = 64, q_pos0 + n - key_pos
+    keys = torch.randn(num_keys, 2, dim, generator=g).bfloat16()[:, 1]  # rows 128 apart
+    values = torch.randn(num_keys, 2, dim, generator=g).bfloat16()[:, 0]
+    q = torch.randn(n, 3 * group, dim, generator=g).bfloat16()[:, group : 2 * group]
+    out_all = torch.full((n, 3 * group * dim), float("nan"), dtype=torch.bfloat16)
+    out = out_all[:, group * dim : 2 * group * dim].view(n, group, dim)
+    packed_v = torch.ops.swakv.pack_values_bf16(values)
+    assert packed_v.shape == ((num_keys + 1) // 2, dim, 2)
+    if num_keys >= 4:
+        assert packed_v[1, 5].tolist() == [values[2, 5].item(), values[3, 5].item()]
+    res = torch.ops.swakv.flash_extend_bf16(q, torch.ops.swakv.pack_keys_bf16(keys), packed_v, out,
+                                            q_pos0, key_pos, window, 0.3, softcap)
+    assert res.data_ptr() == out.data_ptr()
+    assert out_all[:, : group * dim].isnan().all() and out_all[:, 2 * group * dim :].isnan().all()
+    for i in range(n):
+        hi = q_pos0 + i + 1 - key_pos
+        lo = max(0, hi - window) if window else 0
+        s = q[i].double() @ keys[lo:hi].double().t() * 0.3
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
+        ref = torch.softmax(s, -1) @ values[lo:hi].double()
+        torch.testing.assert_close(out[i].double(), ref, atol=1.5e-2, rtol=1.5e-2)
 
 
 def test_paged_decode_rejects_mixed_dtypes() -> None:

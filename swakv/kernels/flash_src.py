@@ -1,0 +1,232 @@
+"""C++ source of the fused extend kernel `swakv.flash_extend_bf16` and its value packing
+`swakv.pack_values_bf16` (contracts in `swakv.kernels.paged_attention_src`)."""
+
+FLASH_SOURCE = r"""
+// packed[p][d][e] = v[2 p + e][d] (0 past the last key): key pairs of each column, the
+// layout the bf16 dot-product instruction reads for P x V.
+at::Tensor pack_values_bf16(const at::Tensor& v) {
+  TORCH_CHECK(v.dim() == 2 && v.scalar_type() == at::kBFloat16 && v.stride(1) == 1, "v [N, D] bf16");
+  const int64_t N = v.size(0), D = v.size(1), ld = v.stride(0);
+  const int64_t pairs = (N + 1) / 2;
+  at::Tensor packed = at::empty({pairs, D, 2}, v.options());
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(v.data_ptr<c10::BFloat16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<c10::BFloat16>());
+  at::parallel_for(0, pairs, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const uint16_t* r0 = src + 2 * p * ld;
+      const bool has1 = 2 * p + 1 < N;
+      uint16_t* out = dst + p * D * 2;
+      for (int64_t d = 0; d < D; ++d) {
+        out[2 * d] = r0[d];
+        out[2 * d + 1] = has1 ? r0[ld + d] : uint16_t(0);
+      }
+    }
+  });
+  return packed;
+}
+
+#if defined(__AVX512BF16__)
+// exp(x) for x <= 0 lane-wise: exp_nonpos's polynomial on 16 lanes.
+static inline __m512 exp512_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+constexpr int FLASH_ROWS = 8;   // query rows per micro-tile (register block)
+constexpr int FLASH_TILE = 64;  // query rows per tile: each key / value step is reused by all
+constexpr int FLASH_KEYS = 32;  // keys per step: two packed key tiles
+
+// st = Q K^T for 8 query rows (bf16 pairs, P of them per row) x the 32 keys of packed
+// tiles t0, t0 + 1 (the second only when `two`): exact bf16 products, fp32 sums, in
+// registers until the one store.
+static inline __attribute__((always_inline)) void flash_qk(const uint32_t* qpairs, const uint32_t* pk,
+                                                           int64_t P, int64_t t0, bool two,
+                                                           float (*st)[FLASH_KEYS]) {
+  __m512 acc[FLASH_ROWS][2];
+  for (int r = 0; r < FLASH_ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const uint32_t* b0p = pk + t0 * P * 16;
+  const uint32_t* b1p = b0p + P * 16;
+  for (int64_t p = 0; p < P; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b0p + p * 16);
+    const __m512bh b1 = two ? (__m512bh)_mm512_loadu_si512(b1p + p * 16) : (__m512bh)_mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int r = 0; r < FLASH_ROWS; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(qpairs[r * P + p]));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < FLASH_ROWS; ++r) {
+    _mm512_store_ps(st[r], acc[r][0]);
+    _mm512_store_ps(st[r] + 16, acc[r][1]);
+  }
+}
+
+// Online-softmax state and P x V of one micro-tile (8 rows) for one step of 32 keys.
+static void flash_micro(const uint32_t* qpairs, const int64_t* lo, const int64_t* hi, int rows,
+                        const uint32_t* pk, const uint32_t* pv, int64_t P, int64_t D, int64_t c0,
+                        int64_t step_hi, float scale, float softcap, float* m, float* l, float* acc) {
+  alignas(64) float st[FLASH_ROWS][FLASH_KEYS];
+  flash_qk(qpairs, pk, P, c0 / 16, c0 + 16 < step_hi, st);
+  alignas(64) uint32_t ppairs[FLASH_ROWS][FLASH_KEYS / 2];
+  float corr[FLASH_ROWS];
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512 ninf = _mm512_set1_ps(-INFINITY);
+  for (int r = 0; r < FLASH_ROWS; ++r) {
+    __mmask16 vis[2];
+    __m512 sa[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m512i col = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(c0 + 16 * h)));
+      vis[h] = r < rows ? (__mmask16)(_mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo[r]))) &
+                                      _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi[r]))))
+                        : (__mmask16)0;
+      if (softcap > 0.0f) {
+        for (int j = 0; j < 16; ++j) st[r][16 * h + j] = std::tanh(st[r][16 * h + j] * scale / softcap) * softcap;
+        sa[h] = _mm512_load_ps(st[r] + 16 * h);
+      } else {
+        sa[h] = _mm512_mul_ps(_mm512_load_ps(st[r] + 16 * h), _mm512_set1_ps(scale));
+      }
+    }
+    if ((vis[0] | vis[1]) == 0) {
+      corr[r] = 1.0f;
+      std::memset(ppairs[r], 0, sizeof(ppairs[r]));
+      continue;
+    }
+    const float bmax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(ninf, vis[0], sa[0]),
+                                                          _mm512_mask_mov_ps(ninf, vis[1], sa[1])));
+    const float m_new = std::max(m[r], bmax);
+    corr[r] = m[r] == -INFINITY ? 0.0f : exp_nonpos(m[r] - m_new);
+    m[r] = m_new;
+    const __m512 mv = _mm512_set1_ps(m_new);
+    const __m512 p0 = _mm512_maskz_mov_ps(vis[0], exp512_nonpos(_mm512_sub_ps(sa[0], mv)));
+    const __m512 p1 = _mm512_maskz_mov_ps(vis[1], exp512_nonpos(_mm512_sub_ps(sa[1], mv)));
+    l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+    // keys 2i, 2i + 1 as one bf16 pair (round to nearest even)
+    _mm512_store_si512(ppairs[r], (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+  }
+  // acc = acc * corr + P V over the step's key pairs
+  const int64_t pair0 = c0 / 2;
+  const int npairs = static_cast<int>(std::min<int64_t>(FLASH_KEYS / 2, (step_hi - c0 + 1) / 2));
+  for (int64_t d = 0; d < D; d += 32) {  // 8 rows x 32 columns in registers (D % 32 == 0)
+    __m512 a[FLASH_ROWS][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < FLASH_ROWS; ++r) {
+      const __m512 c = _mm512_set1_ps(corr[r]);
+      a[r][0] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + d), c);
+      a[r][1] = _mm512_mul_ps(_mm512_loadu_ps(acc + r * D + d + 16), c);
+    }
+    for (int i = 0; i < npairs; ++i) {
+      const __m512bh v0 = (__m512bh)_mm512_loadu_si512(pv + (pair0 + i) * D + d);
+      const __m512bh v1 = (__m512bh)_mm512_loadu_si512(pv + (pair0 + i) * D + d + 16);
+#pragma GCC unroll 8
+      for (int r = 0; r < FLASH_ROWS; ++r) {
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(ppairs[r][i]));
+        a[r][0] = _mm512_dpbf16_ps(a[r][0], w, v0);
+        a[r][1] = _mm512_dpbf16_ps(a[r][1], w, v1);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < FLASH_ROWS; ++r) {
+      _mm512_storeu_ps(acc + r * D + d, a[r][0]);
+      _mm512_storeu_ps(acc + r * D + d + 16, a[r][1]);
+    }
+  }
+}
+
+// One tile of up to FLASH_TILE stacked query rows (row r: query r / G, head r % G) against
+// key columns [lo[r], hi[r]): steps of 32 keys, each run by every micro-tile that sees
+// one of its keys, so a step's keys and values are read from cache once per tile.
+static void flash_tile(const uint32_t* qpairs, const int64_t* lo, const int64_t* hi, int rows,
+                       const uint32_t* pk, const uint32_t* pv, int64_t P, int64_t D,
+                       float scale, float softcap, float* acc, c10::BFloat16* const* out_rows) {
+  float m[FLASH_TILE], l[FLASH_TILE];
+  std::fill(m, m + FLASH_TILE, -INFINITY);
+  std::fill(l, l + FLASH_TILE, 0.0f);
+  std::fill(acc, acc + FLASH_TILE * D, 0.0f);
+  const int micro = (rows + FLASH_ROWS - 1) / FLASH_ROWS;
+  int64_t tlo = INT64_MAX, thi = 0;
+  for (int r = 0; r < rows; ++r) {
+    tlo = std::min(tlo, lo[r]);
+    thi = std::max(thi, hi[r]);
+  }
+  for (int64_t c0 = (tlo / 16) * 16; c0 < thi; c0 += FLASH_KEYS) {
+    for (int mt = 0; mt < micro; ++mt) {
+      const int r0 = mt * FLASH_ROWS, nr = std::min(FLASH_ROWS, rows - r0);
+      int64_t mlo = INT64_MAX, mhi = 0;
+      for (int r = r0; r < r0 + nr; ++r) {
+        mlo = std::min(mlo, lo[r]);
+        mhi = std::max(mhi, hi[r]);
+      }
+      if (mhi <= c0 || mlo >= c0 + FLASH_KEYS) continue;  // sees none of this step's keys
+      flash_micro(qpairs + r0 * P, lo + r0, hi + r0, nr, pk, pv, P, D, c0, mhi, scale, softcap,
+                  m + r0, l + r0, acc + r0 * D);
+    }
+  }
+  for (int r = 0; r < rows; ++r) store_row_scaled(acc + r * D, 1.0f / l[r], out_rows[r], D);
+}
+#endif
+
+// out[i, g] = softmax(scale * q[i, g] . K^T) V over the key columns query i sees:
+// [lo_i, hi_i) with hi_i = q_pos0 + i + 1 - key_pos, lo_i = max(0, hi_i - window) (window
+// > 0) or 0; column c is key position key_pos + c of packed_k / packed_v.
+at::Tensor flash_extend_bf16(const at::Tensor& q, const at::Tensor& packed_k, const at::Tensor& packed_v,
+                             at::Tensor out, int64_t q_pos0, int64_t key_pos, int64_t window,
+                             double scale_d, double softcap_d) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kBFloat16 && q.stride(2) == 1, "q [n, G, D] bf16");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == at::kBFloat16 && out.stride(2) == 1,
+              "out like q");
+  const int64_t n = q.size(0), G = q.size(1), D = q.size(2), P = D / 2;
+  TORCH_CHECK(D % 32 == 0, "head_dim a multiple of 32");
+  TORCH_CHECK(packed_k.dim() == 4 && packed_k.size(1) == P && packed_v.dim() == 3 && packed_v.size(1) == D,
+              "packed keys / values match q");
+  const int64_t num_keys = q_pos0 + n - key_pos;
+  TORCH_CHECK(key_pos >= 0 && q_pos0 >= key_pos && packed_k.size(0) * 16 >= num_keys &&
+              packed_v.size(0) * 2 >= num_keys, "packed keys cover every query's columns");
+#if defined(__AVX512BF16__)
+  const float scale = static_cast<float>(scale_d), softcap = static_cast<float>(softcap_d);
+  const int64_t R = n * G, tiles = (R + FLASH_TILE - 1) / FLASH_TILE;
+  const uint32_t* pk = reinterpret_cast<const uint32_t*>(packed_k.data_ptr<c10::BFloat16>());
+  const uint32_t* pv = reinterpret_cast<const uint32_t*>(packed_v.data_ptr<c10::BFloat16>());
+  const c10::BFloat16* qd = q.data_ptr<c10::BFloat16>();
+  c10::BFloat16* od = out.data_ptr<c10::BFloat16>();
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tiles);
+  // tiles dealt round robin: later queries see more keys (causal), so contiguous
+  // ranges would load the last thread most
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> qpairs(FLASH_TILE * P);
+    std::vector<float> acc(FLASH_TILE * D);
+    for (int64_t tid = begin; tid < end; ++tid) {
+      for (int64_t t = tid; t < tiles; t += threads) {
+        int64_t lo[FLASH_TILE], hi[FLASH_TILE];
+        c10::BFloat16* out_rows[FLASH_TILE];
+        const int rows = static_cast<int>(std::min<int64_t>(FLASH_TILE, R - t * FLASH_TILE));
+        for (int r = 0; r < rows; ++r) {
+          const int64_t row = t * FLASH_TILE + r, i = row / G, g = row % G;
+          std::memcpy(&qpairs[r * P], qd + i * q.stride(0) + g * q.stride(1), D * sizeof(c10::BFloat16));
+          hi[r] = q_pos0 + i + 1 - key_pos;
+          lo[r] = window > 0 ? std::max<int64_t>(0, hi[r] - window) : 0;
+          out_rows[r] = od + i * out.stride(0) + g * out.stride(1);
+        }
+        flash_tile(qpairs.data(), lo, hi, rows, pk, pv, P, D, scale, softcap, acc.data(), out_rows);
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "flash_extend_bf16 needs AVX512-BF16");
+#endif
+  return out;
+}
+"""
