@@ -87,19 +87,20 @@ at::Tensor pack_keys_bf16(const at::Tensor& k) {
 }
 
 #if defined(__AVX512BF16__)
-// out[r][c] for rows r < RM, columns of key tiles t0, t0 + 1 (ntiles of them):
-// column of tile lane j is 16 t + j - key_lo, stored when in [0, num_cols).
+// acc[r] = q row r . the keys of packed tile t0 (lanes 0-15 in acc[r][0]) and, when
+// `two`, t0 + 1 (acc[r][1], else 0) for r < RM: exact bf16 products, fp32 sums, in
+// registers.
 template <int RM>
-static inline void qk_micro(const c10::BFloat16* q, int64_t ldq, const uint32_t* pk, int64_t P,
-                            int64_t t0, int ntiles, int64_t key_lo, int64_t num_cols,
-                            float* out, int64_t ldo) {
-  __m512 acc[RM][2];
+static inline __attribute__((always_inline)) void qk_tiles(const c10::BFloat16* q, int64_t ldq,
+                                                           const uint32_t* pk, int64_t P, int64_t t0,
+                                                           bool two, __m512 (&acc)[RM][2]) {
   for (int r = 0; r < RM; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const uint32_t* b0p = pk + t0 * P * 16;
   const uint32_t* b1p = b0p + P * 16;
   for (int64_t p = 0; p < P; ++p) {
     const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b0p + p * 16);
-    const __m512bh b1 = ntiles > 1 ? (__m512bh)_mm512_loadu_si512(b1p + p * 16) : (__m512bh)_mm512_setzero_si512();
+    const __m512bh b1 = two ? (__m512bh)_mm512_loadu_si512(b1p + p * 16) : (__m512bh)_mm512_setzero_si512();
+#pragma GCC unroll 8
     for (int r = 0; r < RM; ++r) {
       int32_t pair;
       std::memcpy(&pair, q + r * ldq + 2 * p, sizeof(pair));
@@ -108,6 +109,16 @@ static inline void qk_micro(const c10::BFloat16* q, int64_t ldq, const uint32_t*
       acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
     }
   }
+}
+
+// out[r][c] for rows r < RM, columns of key tiles t0, t0 + 1 (ntiles of them):
+// column of tile lane j is 16 t + j - key_lo, stored when in [0, num_cols).
+template <int RM>
+static inline void qk_micro(const c10::BFloat16* q, int64_t ldq, const uint32_t* pk, int64_t P,
+                            int64_t t0, int ntiles, int64_t key_lo, int64_t num_cols,
+                            float* out, int64_t ldo) {
+  __m512 acc[RM][2];
+  qk_tiles<RM>(q, ldq, pk, P, t0, ntiles > 1, acc);
   for (int tile = 0; tile < ntiles; ++tile) {
     const int64_t col0 = 16 * (t0 + tile) - key_lo;
     uint32_t mask = 0xFFFFu;

@@ -48,39 +48,20 @@ constexpr int FLASH_ROWS = 8;   // query rows per micro-tile (register block)
 constexpr int FLASH_TILE = 64;  // query rows per tile: each key / value step is reused by all
 constexpr int FLASH_KEYS = 32;  // keys per step: two packed key tiles
 
-// st = Q K^T for 8 query rows (bf16 pairs, P of them per row) x the 32 keys of packed
-// tiles t0, t0 + 1 (the second only when `two`): exact bf16 products, fp32 sums, in
-// registers until the one store.
-static inline __attribute__((always_inline)) void flash_qk(const uint32_t* qpairs, const uint32_t* pk,
-                                                           int64_t P, int64_t t0, bool two,
-                                                           float (*st)[FLASH_KEYS]) {
-  __m512 acc[FLASH_ROWS][2];
-  for (int r = 0; r < FLASH_ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const uint32_t* b0p = pk + t0 * P * 16;
-  const uint32_t* b1p = b0p + P * 16;
-  for (int64_t p = 0; p < P; ++p) {
-    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b0p + p * 16);
-    const __m512bh b1 = two ? (__m512bh)_mm512_loadu_si512(b1p + p * 16) : (__m512bh)_mm512_setzero_si512();
-#pragma GCC unroll 8
-    for (int r = 0; r < FLASH_ROWS; ++r) {
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(qpairs[r * P + p]));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < FLASH_ROWS; ++r) {
-    _mm512_store_ps(st[r], acc[r][0]);
-    _mm512_store_ps(st[r] + 16, acc[r][1]);
-  }
-}
-
 // Online-softmax state and P x V of one micro-tile (8 rows) for one step of 32 keys.
 static void flash_micro(const uint32_t* qpairs, const int64_t* lo, const int64_t* hi, int rows,
                         const uint32_t* pk, const uint32_t* pv, int64_t P, int64_t D, int64_t c0,
                         int64_t step_hi, float scale, float softcap, float* m, float* l, float* acc) {
   alignas(64) float st[FLASH_ROWS][FLASH_KEYS];
-  flash_qk(qpairs, pk, P, c0 / 16, c0 + 16 < step_hi, st);
+  {
+    __m512 acc_qk[FLASH_ROWS][2];  // S = Q K^T, one store
+    qk_tiles<FLASH_ROWS>(reinterpret_cast<const c10::BFloat16*>(qpairs), 2 * P, pk, P, c0 / 16,
+                         c0 + 16 < step_hi, acc_qk);
+    for (int r = 0; r < FLASH_ROWS; ++r) {
+      _mm512_store_ps(st[r], acc_qk[r][0]);
+      _mm512_store_ps(st[r] + 16, acc_qk[r][1]);
+    }
+  }
   alignas(64) uint32_t ppairs[FLASH_ROWS][FLASH_KEYS / 2];
   float corr[FLASH_ROWS];
   const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
