@@ -168,13 +168,18 @@ class Decode(Scenario):
     def __init__(self, engine: EngineCore, context: int, batch: int, steps: int) -> None:
         super().__init__(engine, context)
         self.name, self.batch = f"decode{batch}", batch
+        # prefilling all prompts takes at most this many steps, each decoding <= 1 token
+        # per request: no request may finish before the last prompt is in
+        prefill_steps = -(-batch * context // engine.cost.chunk_size) + batch
         for _ in range(batch):
-            self._add(context, max_tokens=steps + 64)
-        while True:  # prefill everything; then every step decodes the whole batch
+            self._add(context, max_tokens=prefill_steps + steps + 64)
+        for _ in range(2 * prefill_steps):  # prefill all; then each step decodes the batch
             if self.step() == batch and all(
                 r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running
             ):
-                break
+                return
+        raise RuntimeError(f"{batch} requests of {context} tokens never decoded together "
+                           "(too little KV memory for the batch?)")
 
 
 class Prefill(Scenario):
