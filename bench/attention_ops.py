@@ -14,7 +14,7 @@ Columns: metadata ms (once per forward), full / sliding layer ms (`attend`: KV w
 attention), GFLOPS (4 * heads * head_dim * visible query-key pairs / time) and GB/s
 (visible K+V bytes / time). Timings take the median of --reps runs.
 
-    python bench/attention_ops.py [--impl auto|torch] [--threads 2] [--reps 20]
+    python bench/attention_ops.py [--impl auto|blocks|torch] [--threads 2] [--reps 20]
                                   [--out bench/results/attention_ops.json]
 
 `--e2e` instead times whole engine steps on the real model in bf16 (build_engine +
@@ -195,7 +195,9 @@ def run_e2e(threads: int, names: list[str], out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--impl", choices=["auto", "torch"], default="auto")
+    ap.add_argument("--impl", choices=["auto", "blocks", "torch"], default="auto",
+                    help="auto: swakv's kernels (bf16 prefill fused); blocks: the same with "
+                         "bf16 prefill on the per-block kernels; torch: no C++ kernels")
     ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=20)
@@ -210,7 +212,9 @@ def main() -> None:
         return
     dtype = getattr(torch, args.dtype)
     if hasattr(attention, "set_backend"):
-        attention.set_backend(args.impl)
+        attention.set_backend("auto" if args.impl == "blocks" else args.impl)
+    if args.impl == "blocks":
+        attention._flash_fits = lambda dim: False
     g = torch.Generator().manual_seed(0)
     b64 = torch.randint(1024, 2048, (64,), generator=g).tolist()
     results = []
