@@ -138,22 +138,23 @@ static void flash_tile(const uint32_t* qpairs, const int64_t* lo, const int64_t*
   std::fill(l, l + FLASH_TILE, 0.0f);
   std::fill(acc, acc + FLASH_TILE * D, 0.0f);
   const int micro = (rows + FLASH_ROWS - 1) / FLASH_ROWS;
-  int64_t tlo = INT64_MAX, thi = 0;
-  for (int r = 0; r < rows; ++r) {
-    tlo = std::min(tlo, lo[r]);
-    thi = std::max(thi, hi[r]);
+  // micro-tile mt holds rows [8 mt, 8 mt + 8) and sees columns [mlo[mt], mhi[mt])
+  int64_t mlo[FLASH_TILE / FLASH_ROWS], mhi[FLASH_TILE / FLASH_ROWS];
+  for (int mt = 0; mt < micro; ++mt) {
+    mlo[mt] = INT64_MAX;
+    mhi[mt] = 0;
+    for (int r = mt * FLASH_ROWS; r < std::min(rows, (mt + 1) * FLASH_ROWS); ++r) {
+      mlo[mt] = std::min(mlo[mt], lo[r]);
+      mhi[mt] = std::max(mhi[mt], hi[r]);
+    }
   }
+  const int64_t tlo = *std::min_element(mlo, mlo + micro), thi = *std::max_element(mhi, mhi + micro);
   for (int64_t c0 = (tlo / 16) * 16; c0 < thi; c0 += FLASH_KEYS) {
     for (int mt = 0; mt < micro; ++mt) {
-      const int r0 = mt * FLASH_ROWS, nr = std::min(FLASH_ROWS, rows - r0);
-      int64_t mlo = INT64_MAX, mhi = 0;
-      for (int r = r0; r < r0 + nr; ++r) {
-        mlo = std::min(mlo, lo[r]);
-        mhi = std::max(mhi, hi[r]);
-      }
-      if (mhi <= c0 || mlo >= c0 + FLASH_KEYS) continue;  // sees none of this step's keys
-      flash_micro(qpairs + r0 * P, lo + r0, hi + r0, nr, pk, pv, P, D, c0, mhi, scale, softcap,
-                  m + r0, l + r0, acc + r0 * D);
+      if (mhi[mt] <= c0 || mlo[mt] >= c0 + FLASH_KEYS) continue;  // sees none of this step's keys
+      const int r0 = mt * FLASH_ROWS;
+      flash_micro(qpairs + r0 * P, lo + r0, hi + r0, std::min(FLASH_ROWS, rows - r0), pk, pv, P, D,
+                  c0, mhi[mt], scale, softcap, m + r0, l + r0, acc + r0 * D);
     }
   }
   for (int r = 0; r < rows; ++r) store_row_scaled(acc + r * D, 1.0f / l[r], out_rows[r], D);

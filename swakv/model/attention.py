@@ -407,8 +407,8 @@ def _extend(
     """Attention of one extend item's queries, written into out[tok_lo:tok_hi].
 
     bf16 with AVX512-BF16 (head_dim a multiple of 32) takes the fused kernel
-    (`_flash_extend`). Otherwise, per block and KV head h, the block's stacked query matrix [nq * G, D] has row i * G + g for
-    query i and head h * G + g. Scores are fp32 (bf16 inputs: exact products summed in
+    (`_flash_extend`). Otherwise, per block and KV head h, the block's stacked query
+    matrix [nq * G, D] has row i * G + g for query i and head h * G + g. Scores are fp32 (bf16 inputs: exact products summed in
     fp32 by the C++ bf16 dot kernel over keys packed once per item, or an fp32 GEMM);
     probabilities are cast to q's dtype for the P x V GEMM. Keys are read through
     row-strided views of the item's gathered rows (no per-block copies)."""

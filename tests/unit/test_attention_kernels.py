@@ -219,6 +219,11 @@ def test_flash_extend_kernel_matches_softmax_attention(n: int, group: int, q_pos
     strided q / out views and packed strided keys and values."""
     assert cpu_build.cpu_kernels_available()
     if not torch.ops.swakv.bf16_dot_supported():
+        z = torch.zeros(1, 1, 32, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            torch.ops.swakv.flash_extend_bf16(z, torch.zeros(1, 16, 16, 2, dtype=torch.bfloat16),
+                                              torch.zeros(1, 32, 2, dtype=torch.bfloat16), z.clone(),
+                                              0, 0, 0, 1.0, 0.0)
         return
     g = torch.Generator().manual_seed(n * 7 + group)
     dim, num_keys = 64, q_pos0 + n - key_pos
@@ -243,6 +248,25 @@ def test_flash_extend_kernel_matches_softmax_attention(n: int, group: int, q_pos
             s = torch.tanh(s / softcap) * softcap
         ref = torch.softmax(s, -1) @ values[lo:hi].double()
         torch.testing.assert_close(out[i].double(), ref, atol=1.5e-2, rtol=1.5e-2)
+
+
+def test_flash_extend_kernel_rejects_bad_shapes() -> None:
+    """Typed errors, not reads past the packed keys: head_dim not a multiple of 32, packing
+    of another head_dim, or queries whose keys the packing does not hold."""
+    assert cpu_build.cpu_kernels_available()
+    q = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    k = torch.zeros(10, 64, dtype=torch.bfloat16)
+    pk, pv = torch.ops.swakv.pack_keys_bf16(k), torch.ops.swakv.pack_values_bf16(k)
+    flash = torch.ops.swakv.flash_extend_bf16
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        q48 = torch.zeros(4, 2, 48, dtype=torch.bfloat16)
+        flash(q48, pk, pv, q48.clone(), 0, 0, 0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="match q"):
+        flash(q, pk[:, :16], pv, q.clone(), 0, 0, 0, 1.0, 0.0)
+    with pytest.raises(RuntimeError, match="cover every query"):
+        flash(q, pk, pv, q.clone(), 7, 0, 0, 1.0, 0.0)  # positions 7..10 need 11 keys
+    with pytest.raises(RuntimeError, match="out like q"):
+        flash(q, pk, pv, torch.zeros(4, 2, 32, dtype=torch.bfloat16), 0, 0, 0, 1.0, 0.0)
 
 
 def test_paged_decode_rejects_mixed_dtypes() -> None:
