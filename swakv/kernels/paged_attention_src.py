@@ -51,6 +51,9 @@ Registered as torch ops in namespace `swakv`:
 - `rms_norm_bf16(x bf16 [T, D] or [T, H, D] (unit last stride), weight float32 [D],
   [1, D] or [H, D], eps) -> bf16, same shape, contiguous`: Gemma's RMSNorm in fp32
   (x * rsqrt(mean(x^2) + eps) * weight[h]), rounded once to bf16.
+- `add_rms_norm_bf16(h bf16 [T, D] contiguous, y bf16 [T, D] (unit column stride), wy, wx
+  float32 [D], eps) -> (h_out, x_out) bf16 [T, D]`: h_out = bf16(h + rms_norm_bf16(y, wy)),
+  x_out = rms_norm_bf16(h_out, wx), bit-identical (the residual add and the next norm).
 - `rms_norm_rope_bf16(x bf16 [T, H, D] (unit last stride), weight as above, eps,
   cos, sin bf16 [T, D / 2]) -> bf16 [T, H, D]`: `rms_norm_bf16`, then rotary embedding
   with half-width cos / sin, rounding to bf16 after each product and the sum as the
@@ -63,6 +66,9 @@ Registered as torch ops in namespace `swakv`:
   round-half-even of x / scale: bit-identical to `swakv.model.quant.quantize_per_token`.
 - `rescale_int32(acc int32 [M, N], sx float32 [M] or [M, 1], sw float32 [N], dtype) ->
   [M, N] dtype`: (float(acc) * sx[m]) * sw[n] rounded once to dtype (float32|bfloat16).
+- `rescale_gelu_mul_bf16(acc int32 [M, 2 I], sx float32 [M] or [M, 1], sw float32 [2 I]) ->
+  bf16 [M, I]`: `gelu_tanh_mul_bf16(rescale_int32(acc, sx, sw, bfloat16))` in one pass,
+  bit-identical (the w8a8 gate/up epilogue).
 """
 
 from swakv.kernels.decode_src import DECODE_SOURCE
@@ -210,6 +216,8 @@ TORCH_LIBRARY(swakv, m) {
   m.def("rms_norm_rope_bf16(Tensor x, Tensor weight, float eps, Tensor cos, Tensor sin) -> Tensor");
   m.def("quantize_rows_int8(Tensor x) -> (Tensor, Tensor)");
   m.def("rescale_int32(Tensor acc, Tensor sx, Tensor sw, ScalarType dtype) -> Tensor");
+  m.def("rescale_gelu_mul_bf16(Tensor acc, Tensor sx, Tensor sw) -> Tensor");
+  m.def("add_rms_norm_bf16(Tensor h, Tensor y, Tensor wy, Tensor wx, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(swakv, CPU, m) {
@@ -225,6 +233,8 @@ TORCH_LIBRARY_IMPL(swakv, CPU, m) {
   m.impl("rms_norm_rope_bf16", &rms_norm_rope_bf16);
   m.impl("quantize_rows_int8", &quantize_rows_int8);
   m.impl("rescale_int32", &rescale_int32);
+  m.impl("rescale_gelu_mul_bf16", &rescale_gelu_mul_bf16);
+  m.impl("add_rms_norm_bf16", &add_rms_norm_bf16);
 }
 
 TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {
@@ -232,5 +242,6 @@ TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {
 }
 """
 
-SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, FLASH_SOURCE, QUANT_SOURCE, W8A8_SOURCE, NORM_SOURCE,
+SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, FLASH_SOURCE, QUANT_SOURCE,
+                    W8A8_SOURCE, NORM_SOURCE,
                     REGISTRATION_SOURCE))

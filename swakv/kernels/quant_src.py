@@ -223,6 +223,45 @@ at::Tensor rms_norm_bf16(const at::Tensor& x, const at::Tensor& weight, double e
   return x.dim() == 2 ? out.squeeze(1) : out;
 }
 
+// Gemma's residual step and the next norm in one pass per row t (D columns):
+// h_out[t] = bf16(h[t] + bf16(rms(y[t]) * wy)), x_out[t] = bf16(rms(h_out[t]) * wx), the
+// roundings of `h = h + rms_norm_bf16(y, wy)` (a bf16 add) then `rms_norm_bf16(h, wx)`.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_bf16(const at::Tensor& h, const at::Tensor& y,
+                                                     const at::Tensor& wy, const at::Tensor& wx,
+                                                     double eps_d) {
+  TORCH_CHECK(h.scalar_type() == at::kBFloat16 && h.dim() == 2 && h.is_contiguous(),
+              "h bf16 [T, D] contiguous");
+  TORCH_CHECK(y.scalar_type() == at::kBFloat16 && y.sizes() == h.sizes() && y.stride(1) == 1,
+              "y bf16 [T, D] like h, unit column stride");
+  const int64_t T = h.size(0), D = h.size(1);
+  norm_weight_rows(wy, 1, D);  // checks: float32 [D] or [1, D]
+  norm_weight_rows(wx, 1, D);
+  at::Tensor h_out = at::empty({T, D}, h.options());
+  at::Tensor x_out = at::empty({T, D}, h.options());
+  const c10::BFloat16* hd = h.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* yd = y.data_ptr<c10::BFloat16>();
+  const float* wyd = wy.data_ptr<float>();
+  const float* wxd = wx.data_ptr<float>();
+  c10::BFloat16* hod = h_out.data_ptr<c10::BFloat16>();
+  c10::BFloat16* xod = x_out.data_ptr<c10::BFloat16>();
+  const int64_t ly = y.stride(0);
+  const float eps = static_cast<float>(eps_d);
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D), res(D);
+    for (int64_t t = begin; t < end; ++t) {
+      load_row(yd + t * ly, row.data(), D);
+      rms_scale_row(row.data(), wyd, D, eps);
+      load_row(hd + t * D, res.data(), D);
+#pragma omp simd
+      for (int64_t j = 0; j < D; ++j) row[j] = round_bf16(res[j] + round_bf16(row[j]));
+      store_row(row.data(), hod + t * D, D);
+      rms_scale_row(row.data(), wxd, D, eps);
+      store_row(row.data(), xod + t * D, D);
+    }
+  });
+  return {h_out, x_out};
+}
+
 // rms_norm_bf16 of x [T, H, D], then RoPE with half-width cos / sin [T, D / 2] (bf16):
 // y = bf16(norm); out[:half] = bf16(bf16(y1 c) - bf16(y2 s)), out[half:] =
 // bf16(bf16(y2 c) + bf16(y1 s)): every rounding of gemma3's two-step torch path.
@@ -265,8 +304,23 @@ at::Tensor rms_norm_rope_bf16(const at::Tensor& x, const at::Tensor& weight, dou
   return out;
 }
 
+// g[j] <- bf16(gelu_tanh(g[j])) * u[j] in fp32 for j < n (the caller rounds the product):
+// F.gelu's bf16 rounding of its output, then the product; 0.5 (1 + tanh y) = sigmoid(2 y).
+static inline void gelu_tanh_mul_row(float* g, const float* u, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = g[j];
+    const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    // 0.5 x (1 + tanh y) = x sigmoid(2 y), with exp only of non-positive arguments
+    const float e = exp_nonpos(-2.0f * std::fabs(y));
+    // one division per lane: the numerator picks the branch (x / d or (x e) / d)
+    const float gelu = (y >= 0.0f ? x : x * e) / (1.0f + e);
+    g[j] = round_bf16(gelu) * u[j];
+  }
+}
+
 // out[t, j] = bf16(bf16(gelu_tanh(g)) * u), g = gate_up[t, j], u = gate_up[t, I + j]: the
-// roundings of F.gelu(gate) * up on bf16 tensors; 0.5 (1 + tanh y) = sigmoid(2 y).
+// roundings of F.gelu(gate) * up on bf16 tensors.
 at::Tensor gelu_tanh_mul_bf16(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && gate_up.dim() == 2 &&
               gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
@@ -280,22 +334,43 @@ at::Tensor gelu_tanh_mul_bf16(const at::Tensor& gate_up) {
     for (int64_t t = begin; t < end; ++t) {
       load_row(gd + t * ld, g.data(), I);
       load_row(gd + t * ld + I, u.data(), I);
+      gelu_tanh_mul_row(g.data(), u.data(), I);
+      store_row(g.data(), od + t * I, I);
+    }
+  });
+  return out;
+}
+
+// The w8a8 gate/up epilogue in one pass: out[m, j] = bf16(bf16(gelu_tanh(g)) * u) with
+// g = bf16((float(acc[m, j]) * sx[m]) * sw[j]) and u the same of column I + j:
+// bit-identical to gelu_tanh_mul_bf16(rescale_int32(acc, sx, sw, bfloat16)), without the
+// [M, 2 I] bf16 temporary.
+at::Tensor rescale_gelu_mul_bf16(const at::Tensor& acc, const at::Tensor& sx,
+                                 const at::Tensor& sw) {
+  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == at::kInt &&
+              acc.size(1) % 2 == 0, "acc int32 [M, 2 I] contiguous");
+  TORCH_CHECK(sx.scalar_type() == at::kFloat && sx.is_contiguous() && sx.numel() == acc.size(0),
+              "sx float32 [M] or [M, 1] contiguous");
+  TORCH_CHECK(sw.scalar_type() == at::kFloat && sw.is_contiguous() && sw.numel() == acc.size(1),
+              "sw float32 [2 I] contiguous");
+  const int64_t M = acc.size(0), I = acc.size(1) / 2;
+  at::Tensor out = at::empty({M, I}, acc.options().dtype(at::kBFloat16));
+  const int32_t* ad = acc.data_ptr<int32_t>();
+  const float* xs = sx.data_ptr<float>();
+  const float* ws = sw.data_ptr<float>();
+  c10::BFloat16* od = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, M, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> g(I), u(I);
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* ar = ad + m * 2 * I;
+      const float s = xs[m];
 #pragma omp simd
       for (int64_t j = 0; j < I; ++j) {
-        const float x = g[j];
-        const float y = 0.7978845608028654f * (x + 0.044715f * x * x * x);
-        // 0.5 x (1 + tanh y) = x sigmoid(2 y), with exp only of non-positive arguments
-        const float e = exp_nonpos(-2.0f * std::fabs(y));
-        const float gelu = y >= 0.0f ? x / (1.0f + e) : x * e / (1.0f + e);
-        // round gelu to bf16 (F.gelu's output), then the product in fp32
-        uint32_t bits;
-        std::memcpy(&bits, &gelu, sizeof(bits));
-        bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
-        float gelu_bf16;
-        std::memcpy(&gelu_bf16, &bits, sizeof(bits));
-        g[j] = gelu_bf16 * u[j];
+        g[j] = round_bf16((static_cast<float>(ar[j]) * s) * ws[j]);
+        u[j] = round_bf16((static_cast<float>(ar[I + j]) * s) * ws[I + j]);
       }
-      store_row(g.data(), od + t * I, I);
+      gelu_tanh_mul_row(g.data(), u.data(), I);
+      store_row(g.data(), od + m * I, I);
     }
   });
   return out;

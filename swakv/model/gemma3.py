@@ -30,7 +30,14 @@ from swakv.config import AttentionSpec, ModelSpec
 from swakv.kernels.cpu_build import cpu_kernels_available
 from swakv.memory.kv_pool import KVPool
 from swakv.model.attention import AttentionMetadata, attend
-from swakv.model.quant import DenseKernel, Quantization, QuantLinear, build_linears, mkldnn_bf16
+from swakv.model.quant import (
+    DenseKernel,
+    Quantization,
+    QuantLinear,
+    W8A8Kernel,
+    build_linears,
+    mkldnn_bf16,
+)
 from swakv.model.rope import RopeKey, apply_rope, inv_freq, rope_cos_sin
 
 
@@ -46,6 +53,17 @@ def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torc
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and _fused_elementwise():
         return torch.ops.swakv.rms_norm_bf16(x, weight_plus_one, eps)
     return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight_plus_one).to(x.dtype)
+
+
+def add_rms_norm(h: torch.Tensor, y: torch.Tensor, weight_y: torch.Tensor,
+                 weight_x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual step and the next norm: `h + rms_norm(y, weight_y)` and its
+    `rms_norm(., weight_x)`, for h, y [T, hidden]; one pass per row for bf16 CPU tensors
+    (`swakv.add_rms_norm_bf16`, the same roundings)."""
+    if h.dtype == torch.bfloat16 and h.device.type == "cpu" and _fused_elementwise():
+        return torch.ops.swakv.add_rms_norm_bf16(h, y, weight_y, weight_x, eps)
+    h = h + rms_norm(y, weight_y, eps)
+    return h, rms_norm(h, weight_x, eps)
 
 
 def rms_norm_rope(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float,
@@ -66,6 +84,17 @@ def gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return torch.ops.swakv.gelu_tanh_mul_bf16(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
+
+
+def gate_up_gelu(gate_up: DenseKernel | QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """`gelu_mul(gate_up(x))` for x [T, hidden]; a w8a8 kernel with fused passes takes
+    the bf16 product in one epilogue over its int32 sums (`W8A8Kernel.gelu_mul`, the
+    same bits)."""
+    if isinstance(gate_up, QuantLinear) and x.dtype == torch.bfloat16 and _fused_elementwise():
+        kernel = gate_up.kernel_for(x.shape[0])
+        if isinstance(kernel, W8A8Kernel) and kernel.fused:
+            return kernel.gelu_mul(x)
+    return gelu_mul(gate_up(x))
 
 
 @cache
@@ -204,20 +233,23 @@ class Gemma3Model:
         rope = {
             k: rope_cos_sin(f, meta.positions, self.dtype) for k, f in self._inv_freq.items()
         }
+        x = rms_norm(h, self.layers[0].input_norm, eps)  # each layer's input, normed
         for layer_id, layer in enumerate(self.layers):
             attn = layer.attn
             kv_heads, dim = attn.num_kv_heads, attn.head_dim
             plan = meta.sliding if attn.is_sliding else meta.full
             assert plan is not None, "batch metadata lacks a plan for sliding layers"
-            x = rms_norm(h, layer.input_norm, eps)
             qkv = layer.qkv(x).view(num_tokens, heads + 2 * kv_heads, dim)
             qk = rms_norm_rope(qkv[:, : heads + kv_heads], layer.qk_norm, eps, *rope[layer.rope])
             q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
             a = attend(layer_id, q, k, v, plan, kv_pool, self.scale, self.attn_softcap)
-            h = h + rms_norm(layer.o(a), layer.post_attn_norm, eps)
-            x = rms_norm(h, layer.pre_ff_norm, eps)
-            m = layer.down(gelu_mul(layer.gate_up(x)))
-            h = h + rms_norm(m, layer.post_ff_norm, eps)
+            h, x = add_rms_norm(h, layer.o(a), layer.post_attn_norm, layer.pre_ff_norm, eps)
+            m = layer.down(gate_up_gelu(layer.gate_up, x))
+            if layer_id + 1 < len(self.layers):
+                next_norm = self.layers[layer_id + 1].input_norm
+                h, x = add_rms_norm(h, m, layer.post_ff_norm, next_norm, eps)
+            else:
+                h = h + rms_norm(m, layer.post_ff_norm, eps)
         return h
 
     def compute_logits(self, hidden: torch.Tensor, fp32: bool = True,

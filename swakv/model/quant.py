@@ -235,6 +235,16 @@ class W8A8Kernel:
             return torch.ops.swakv.rescale_int32(acc, sx, self.scales, x.dtype)
         return (acc.float().mul_(sx).mul_(self.scales)).to(x.dtype)
 
+    def gelu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU(tanh)(gate) * up of this gate/up linear's output for bf16 x [M, K], with
+        the rescale and the GELU in one pass over the int32 sums
+        (`swakv.rescale_gelu_mul_bf16`: bit-identical to rescaling to bf16, then
+        `swakv.gelu_tanh_mul_bf16`; at M = 1,024, gate/up of the default model: 0.66
+        vs 0.84 ms). Needs `fused` and a bf16 x."""
+        qx, sx = torch.ops.swakv.quantize_rows_int8(x)
+        acc = torch._int_mm(qx, self.qweight_t)
+        return torch.ops.swakv.rescale_gelu_mul_bf16(acc, sx, self.scales)
+
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (int8 [M, K], fp32 scales [M, 1]) with x ~ q * scale per row.
@@ -387,6 +397,10 @@ class QuantLinear:
         self._dispatch = dispatch
         # (min_rows, kernel) pairs, resolved once: the hot path is a short scan
         self._steps = [(m, self.kernels[k]) for m, k in dispatch.steps]
+
+    def kernel_for(self, num_rows: int) -> Kernel:
+        """The kernel a batch of `num_rows` rows runs."""
+        return self._kernel_for(num_rows)
 
     def _kernel_for(self, num_rows: int) -> Kernel:
         kernel = self._steps[0][1]

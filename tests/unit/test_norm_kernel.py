@@ -1,5 +1,6 @@
-"""swakv.rms_norm_bf16 and swakv.gelu_tanh_mul_bf16 against the ops they fuse (the
-torch paths of gemma3.rms_norm and gemma3.gelu_mul)."""
+"""swakv.rms_norm_bf16, swakv.add_rms_norm_bf16 and swakv.gelu_tanh_mul_bf16 against the
+ops they fuse (the torch paths of gemma3.rms_norm, gemma3.add_rms_norm and
+gemma3.gelu_mul)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from swakv.kernels.cpu_build import cpu_kernels_available
-from swakv.model.gemma3 import gelu_mul, rms_norm
+from swakv.model.gemma3 import add_rms_norm, gelu_mul, rms_norm
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,3 +121,26 @@ def test_rms_norm_rope_bf16_rejects_mismatched_tables() -> None:
         torch.ops.swakv.rms_norm_rope_bf16(x, w, 1e-6, cos, torch.ones(3, 4, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="cos, sin"):
         torch.ops.swakv.rms_norm_rope_bf16(x, w, 1e-6, cos.float(), cos.float())
+
+
+@pytest.mark.parametrize("rows", [0, 1, 37, 130])
+def test_add_rms_norm_bf16_is_bit_identical_to_add_then_norm(rows: int) -> None:
+    """The residual step and the next norm in one pass against rms_norm_bf16, a bf16
+    add and rms_norm_bf16 again (gemma3's two-step path), with y a row-strided view;
+    float32 keeps the torch ops."""
+    gen = torch.Generator().manual_seed(rows)
+    h = (torch.randn(rows, 640, generator=gen) * 8).to(torch.bfloat16)
+    y = (torch.randn(rows, 700, generator=gen) * 3).to(torch.bfloat16)[:, :640]
+    wy, wx = torch.rand(640, generator=gen) + 0.5, torch.rand(640, generator=gen) + 0.5
+    h_out, x_out = torch.ops.swakv.add_rms_norm_bf16(h, y, wy, wx, 1e-6)
+    h_ref = h + torch.ops.swakv.rms_norm_bf16(y, wy, 1e-6)
+    assert torch.equal(h_out, h_ref)
+    assert torch.equal(x_out, torch.ops.swakv.rms_norm_bf16(h_ref, wx, 1e-6))
+    h32, y32 = h.float(), y.float()
+    got = add_rms_norm(h32, y32, wy, wx, 1e-6)
+    want = h32 + rms_norm(y32, wy, 1e-6)
+    assert torch.equal(got[0], want) and torch.equal(got[1], rms_norm(want, wx, 1e-6))
+    with pytest.raises(RuntimeError, match="like h"):
+        torch.ops.swakv.add_rms_norm_bf16(h, y[:, :320], wy, wx, 1e-6)
+    with pytest.raises(RuntimeError, match=r"weight float32 \[D\]"):
+        torch.ops.swakv.add_rms_norm_bf16(h, y, torch.ones(2, 640), wx, 1e-6)

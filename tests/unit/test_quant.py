@@ -319,6 +319,33 @@ def test_fused_w8a8_passes_are_bit_identical_to_torch(dtype: torch.dtype, rows: 
                        quantize_per_token(strided)[0])
 
 
+@pytest.mark.parametrize("rows", [0, 1, 5, 40])
+def test_w8a8_gate_up_gelu_epilogue_is_bit_identical(rows: int) -> None:
+    """rescale_gelu_mul_bf16 against rescale_int32 then gelu_tanh_mul_bf16, and the
+    model's gate_up_gelu (which takes it for a w8a8 gate/up) against gelu_mul of the
+    linear's output, for every kernel of the w8a8 gate/up dispatch."""
+    from swakv.model.gemma3 import gate_up_gelu, gelu_mul
+
+    acc = torch.randint(-(1 << 24), 1 << 24, (rows, 2 * 48), dtype=torch.int32,
+                        generator=torch.Generator().manual_seed(15))
+    sx = _rand(rows, 1, seed=16).abs() + 1e-3
+    sw = (_rand(96, 1, seed=17).abs().reshape(96) * 1e-4).to(torch.bfloat16).float()
+    out = torch.ops.swakv.rescale_gelu_mul_bf16(acc, sx, sw)
+    two_pass = torch.ops.swakv.gelu_tanh_mul_bf16(
+        torch.ops.swakv.rescale_int32(acc, sx, sw, torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, 48)
+    assert torch.equal(out, two_pass)
+    packed = quantize_weight(Quantization.W8A8, "gate_up", _rand(2 * 64, 128, seed=18, scale=0.05))
+    lin = make_quant_linear(Quantization.W8A8, "gate_up", packed, torch.bfloat16)
+    for m in (1, 8, 16, 64):  # int8 weight-only, dense, w8a8 (from 16 rows)
+        x = _rand(m, 128, seed=m).to(torch.bfloat16)
+        assert torch.equal(gate_up_gelu(lin, x), gelu_mul(lin(x)))
+    with pytest.raises(RuntimeError, match="acc int32"):
+        torch.ops.swakv.rescale_gelu_mul_bf16(acc[:, :95].contiguous(), sx, sw[:95])
+    with pytest.raises(RuntimeError, match="sw float32"):
+        torch.ops.swakv.rescale_gelu_mul_bf16(acc, sx, sw[:48])
+
+
 def test_fused_w8a8_passes_reject_bad_inputs() -> None:
     with pytest.raises(RuntimeError, match="unit column stride"):
         torch.ops.swakv.quantize_rows_int8(torch.zeros(4, 8).t())
