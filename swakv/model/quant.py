@@ -72,7 +72,6 @@ from enum import StrEnum
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from swakv.kernels.cpu_build import cpu_kernels_available
 from swakv.model.quant_formats import (
@@ -85,10 +84,23 @@ from swakv.model.quant_formats import (
     pack_int4,
     unpack_int4,
 )
+from swakv.model.quant_kernels import (
+    DenseKernel,
+    Int4WeightOnlyKernel,
+    Int8GroupKernel,
+    Int8WeightOnlyKernel,
+    Int32Workspace,
+    Kernel,
+    W8A8Kernel,
+    mkldnn_bf16,
+    quantize_per_token,
+)
 
-__all__ = [  # the formats are re-exported: callers import the whole API from here
-    "INT4_GROUP_SIZE", "INT8_GROUP_SIZE", "INT8_MAX", "Int4Weights", "Int8GroupWeights",
-    "Int8Weights", "pack_int4", "unpack_int4",
+__all__ = [  # formats and kernels are re-exported: callers import the whole API from here
+    "INT4_GROUP_SIZE", "INT8_GROUP_SIZE", "INT8_MAX", "DenseKernel", "Int32Workspace",
+    "Int4Weights", "Int4WeightOnlyKernel", "Int8GroupKernel", "Int8GroupWeights",
+    "Int8WeightOnlyKernel", "Int8Weights", "Kernel", "W8A8Kernel", "mkldnn_bf16",
+    "pack_int4", "quantize_per_token", "unpack_int4",
 ]
 
 
@@ -97,164 +109,6 @@ class Quantization(StrEnum):
     INT8 = "int8"
     INT4 = "int4"
     W8A8 = "w8a8"
-
-
-
-
-def mkldnn_bf16() -> bool:
-    """Whether oneDNN can run bf16 matmuls on this CPU (prepacked weights pay off)."""
-    return bool(
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
-
-
-# --------------------------------------------------------------------------- kernels
-
-Kernel = Callable[[torch.Tensor], torch.Tensor]  # x [M, K] -> y [M, N] in x's dtype
-
-
-class DenseKernel:
-    """y = x @ W^T for W [out, in] held in the model dtype.
-
-    bf16 weights are prepacked once into oneDNN's blocked layout when the CPU has bf16
-    support (`prepack`): results are bit-identical to F.linear and 1.3-2x faster for
-    decode-sized batches. Other dtypes and devices stay plain (MKL for fp32, like
-    transformers).
-
-    `tile_rows` (the LM head): prepacked weights are held as tiles of that many output
-    rows, so `into` can write a caller's buffer tile by tile. oneDNN's linear has no
-    out= form, and a fresh [64, 262,144] bf16 output (33.5 MB, above glibc's largest
-    mmap threshold) is faulted in page by page on every call: 32.3 ms per batch-64 LM
-    head whole vs 25.5 ms tiled into a reused buffer (7.0 vs 7.2 ms at one row;
-    see `LM_HEAD_TILE_ROWS`).
-    """
-
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, prepack: bool = True,
-                 tile_rows: int | None = None) -> None:
-        w = weight.to(dtype).contiguous()
-        self.out_features, self.in_features = w.shape
-        self._packed: list[tuple[int, int, torch.Tensor]] = []  # (row_lo, row_hi, tile)
-        self._plain: torch.Tensor | None = w
-        if prepack and dtype == torch.bfloat16 and w.device.type == "cpu" and mkldnn_bf16():
-            step = tile_rows or self.out_features
-            self._packed = [
-                (lo, min(lo + step, self.out_features),
-                 torch.ops.mkldnn._reorder_linear_weight(w[lo : lo + step].contiguous()))
-                for lo in range(0, self.out_features, step)
-            ]
-            self._plain = None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if len(self._packed) == 1:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed[0][2], None, "none", [], "")
-        if self._packed:
-            return self.into(x, x.new_empty(x.shape[0], self.out_features))
-        return F.linear(x, self._plain)  # type: ignore[arg-type]
-
-    def into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Write x [M, in] @ W^T into `out` [M, out] (x's dtype) and return it."""
-        if not self._packed:
-            return torch.mm(x, self._plain.t(), out=out)  # type: ignore[union-attr]
-        for lo, hi, tile in self._packed:
-            out[:, lo:hi] = torch.ops.mkldnn._linear_pointwise(x, tile, None, "none", [], "")
-        return out
-
-
-class Int8WeightOnlyKernel:
-    """`aten._weight_int8pack_mm`: x (bf16/fp32) times int8 weights, scales in x's dtype."""
-
-    def __init__(self, w: Int8Weights, dtype: torch.dtype) -> None:
-        self.qweight = _aligned(w.qweight)
-        self.scales = _aligned(w.scales.to(dtype))
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int8pack_mm(_aligned(x), self.qweight, self.scales)
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its data is _ALIGN-byte aligned, else a fresh (aligned) copy.
-
-    torch 2.13's CPU `_weight_int8pack_mm` uses aligned vector loads: it faulted on
-    weights read from the safetensors cache (whose tensors sit at any offset in the
-    file) and on a 16- but not 32-byte-aligned x (tests/unit/test_quant.py)."""
-    return t if t.data_ptr() % _ALIGN == 0 else t.clone()
-
-
-_ALIGN = 64  # bytes: torch's CPU allocator aligns every fresh tensor to this
-
-
-class Int8GroupKernel:
-    """`swakv.int8_group_mm` (C++, swakv.kernels): x (bf16/fp32) times grouped int8
-    weights, fp32 sums; needs the CPU kernels (`cpu_kernels_available()`)."""
-
-    def __init__(self, w: Int8GroupWeights, dtype: torch.dtype) -> None:
-        self.qweight, self.scales, self.group_size = w.qweight, w.scales, w.group_size
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.swakv.int8_group_mm(x, self.qweight, self.scales, self.group_size)
-
-
-class Int4WeightOnlyKernel:
-    """`aten._weight_int4pack_mm_for_cpu` on the tinygemm layout (CPU only)."""
-
-    def __init__(self, w: Int4Weights, dtype: torch.dtype) -> None:
-        q = w.unpack().to(torch.int32)
-        self.group_size = w.group_size
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        # [K / group, N, 2]: scale and zero of group g for output n
-        self.scales_zeros = torch.stack((w.scales, w.zeros), dim=-1).transpose(0, 1)
-        self.scales_zeros = self.scales_zeros.contiguous().to(dtype)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x, self.packed, self.group_size, self.scales_zeros
-        )
-
-
-class W8A8Kernel:
-    """Dynamic per-token int8 activations x per-channel int8 weights on `torch._int_mm`.
-
-    For row m: sx[m] = max_k |x[m, k]| / 127 (1 for an all-zero row),
-    qx = round(x / sx) in [-127, 127], y[m, n] = (sum_k qx[m, k] q[n, k]) sx[m] s[n]
-    with int32 accumulation (exact: |sum| <= 127 * 127 * K < 2^31 for K < 133,000).
-    On the CPU the two passes around the GEMM are swakv's C++ ops, bit-identical to the
-    torch expressions of the fallback: one read of x, one of the int32 sums. ms at M =
-    512, torch -> C++: quantize [512, 640] 0.101 -> 0.019, [512, 2048] 0.256 -> 0.054;
-    rescale [512, 4096] 0.275 -> 0.118 (the gate_up GEMM itself: ~1.5).
-    """
-
-    def __init__(self, w: Int8Weights, dtype: torch.dtype) -> None:
-        self.qweight_t = _aligned(w.qweight).t()  # [K, N] view: _int_mm takes it as is
-        self.scales = w.scales.to(dtype).float().contiguous()
-        self.fused = w.qweight.device.type == "cpu" and cpu_kernels_available()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        qx, sx = torch.ops.swakv.quantize_rows_int8(x) if self.fused else quantize_per_token(x)
-        acc = torch._int_mm(qx, self.qweight_t)
-        if self.fused:
-            return torch.ops.swakv.rescale_int32(acc, sx, self.scales, x.dtype)
-        return (acc.float().mul_(sx).mul_(self.scales)).to(x.dtype)
-
-    def gelu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """GELU(tanh)(gate) * up of this gate/up linear's output for bf16 x [M, K], with
-        the rescale and the GELU in one pass over the int32 sums
-        (`swakv.rescale_gelu_mul_bf16`: bit-identical to rescaling to bf16, then
-        `swakv.gelu_tanh_mul_bf16`; at M = 1,024, gate/up of the default model: 0.66
-        vs 0.84 ms). Needs `fused` and a bf16 x."""
-        qx, sx = torch.ops.swakv.quantize_rows_int8(x)
-        acc = torch._int_mm(qx, self.qweight_t)
-        return torch.ops.swakv.rescale_gelu_mul_bf16(acc, sx, self.scales)
-
-
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (int8 [M, K], fp32 scales [M, 1]) with x ~ q * scale per row.
-
-    |x / scale| <= 127 by construction (scale = max|x_row| / 127), so rounding never
-    leaves [-127, 127]; the only temporaries are |x| in x's dtype and one fp32 [M, K].
-    """
-    amax = x.abs().amax(dim=1, keepdim=True).float()
-    sx = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-    return torch.div(x, sx).round_().to(torch.int8), sx
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -460,7 +314,8 @@ def quantize_weight(mode: Quantization, role: str, w: torch.Tensor) -> PackedWei
 
 
 def make_quant_linear(mode: Quantization, role: str, packed: PackedWeights,
-                      dtype: torch.dtype, prepack: bool = True) -> QuantLinear:
+                      dtype: torch.dtype, prepack: bool = True,
+                      workspace: Int32Workspace | None = None) -> QuantLinear:
     """The dispatching linear of `role` (one of LINEAR_ROLES) for `mode`.
 
     Only the kernels its dispatch names are built: the dense one holds a model-dtype
@@ -481,7 +336,7 @@ def make_quant_linear(mode: Quantization, role: str, packed: PackedWeights,
         "int8": lambda: Int8WeightOnlyKernel(packed, dtype),  # type: ignore[arg-type]
         "int8g": lambda: Int8GroupKernel(packed, dtype),  # type: ignore[arg-type]
         "int4": lambda: Int4WeightOnlyKernel(packed, dtype),  # type: ignore[arg-type]
-        "w8a8": lambda: W8A8Kernel(packed, dtype),  # type: ignore[arg-type]
+        "w8a8": lambda: W8A8Kernel(packed, dtype, workspace),  # type: ignore[arg-type]
     }
     return QuantLinear({name: makers[name]() for name in set(plan.kernels)}, plan, n, k)
 
@@ -504,7 +359,8 @@ def build_linears(
 
     cache = quant_cache_dir(weights_dir) if weights_dir is not None else None
     packed = load_or_quantize(mode, sources, cache)
+    workspace = Int32Workspace()  # the model's linears run one at a time
     return {
-        name: make_quant_linear(mode, role_of(name), p, dtype, prepack)
+        name: make_quant_linear(mode, role_of(name), p, dtype, prepack, workspace)
         for name, p in packed.items()
     }

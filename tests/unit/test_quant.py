@@ -30,6 +30,7 @@ from swakv.model.quant import (
     Int8GroupWeights,
     Int8WeightOnlyKernel,
     Int8Weights,
+    Int32Workspace,
     Quantization,
     QuantLinear,
     W8A8Kernel,
@@ -344,6 +345,23 @@ def test_w8a8_gate_up_gelu_epilogue_is_bit_identical(rows: int) -> None:
         torch.ops.swakv.rescale_gelu_mul_bf16(acc[:, :95].contiguous(), sx, sw[:95])
     with pytest.raises(RuntimeError, match="sw float32"):
         torch.ops.swakv.rescale_gelu_mul_bf16(acc, sx, sw[:48])
+
+
+def test_w8a8_kernels_sharing_a_workspace_keep_their_results() -> None:
+    """Two w8a8 kernels on one Int32Workspace (as a model's linears are): each output
+    survives the other's later calls, at growing and shrinking row counts, and equals
+    the kernel on a private workspace."""
+    shared = Int32Workspace()
+    a = W8A8Kernel(Int8Weights.quantize(_rand(96, 128, seed=19, scale=0.05)), torch.bfloat16, shared)
+    b = W8A8Kernel(Int8Weights.quantize(_rand(200, 128, seed=20, scale=0.05)), torch.bfloat16, shared)
+    alone = W8A8Kernel(Int8Weights.quantize(_rand(96, 128, seed=19, scale=0.05)), torch.bfloat16)
+    for rows in (40, 7, 300, 1):
+        x = _rand(rows, 128, seed=rows).to(torch.bfloat16)
+        ya = a(x)
+        yb = b(x)
+        assert torch.equal(ya, alone(x)) and yb.shape == (rows, 200)
+        assert torch.equal(a(x), ya)  # b's sums did not leak into a's result
+    assert shared.take(3, 5, torch.device("cpu")).shape == (3, 5)
 
 
 def test_fused_w8a8_passes_reject_bad_inputs() -> None:
