@@ -20,10 +20,12 @@ step runs under torch.profiler to list the aten ops with the most self time (the
 profiler's own overhead, a few microseconds per op, inflates those numbers; the
 split does not use them).
 
-    matmuls      weight matmuls of all layers (qkv, o, gate_up, down)
+    matmuls      weight matmuls of all layers (qkv, o, gate_up, down; with gate/up's GELU * up
+                 when w8a8 fuses it into the rescale)
     lm_head      final norm + LM-head matmul + softcap (compute_logits)
     attention    KV writes, gathers and SDPA (attend)
-    norms_rope   RMSNorms, q/k norms, RoPE tables and rotation
+    norms_rope   RMSNorms (with the residual adds they fuse), q/k norms, RoPE tables and
+                 rotation
     model_other  the rest of the forward: embedding, GELU * up, residual adds
     sampling     Sampler.sample
     metadata     attention metadata (positions, slots, gathers) per forward
@@ -114,8 +116,9 @@ def instrument(engine: EngineCore) -> None:
     _wrap(gemma3.Gemma3Model, "forward", "model_other")
     _wrap(gemma3.Gemma3Model, "compute_logits", "lm_head")
     _wrap(gemma3, "attend", "attention")
-    for name in ("rms_norm", "apply_rope", "rope_cos_sin"):
+    for name in ("rms_norm", "add_rms_norm", "rms_norm_rope", "apply_rope", "rope_cos_sin"):
         _wrap(gemma3, name, "norms_rope")
+    _wrap(gemma3, "gate_up_gelu", "matmuls")  # gate/up and its GELU * up epilogue
     _wrap(Sampler, "sample", "sampling")
     model = engine.runner.model
     linear_types = {type(getattr(layer, n)) for layer in model.layers
