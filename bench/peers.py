@@ -88,6 +88,10 @@ def wait_ready(proc: subprocess.Popen, timeout: float) -> str:
         try:
             r = httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=2)
             if r.status_code == 200:
+                time.sleep(1)  # a server that lost the port to another exits by now
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {proc.returncode}; port {PORT} "
+                                       "answered by another process")
                 return r.json()["data"][0]["id"]
         except httpx.HTTPError:
             pass

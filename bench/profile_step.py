@@ -22,7 +22,8 @@ split does not use them).
 
     matmuls      weight matmuls of all layers (qkv, o, gate_up, down; with gate/up's GELU * up
                  when w8a8 fuses it into the rescale)
-    lm_head      final norm + LM-head matmul + softcap (compute_logits)
+    lm_head      final norm + LM-head matmul + softcap (compute_logits), or for an
+                 all-greedy batch the LM head with its argmax (greedy_tokens)
     attention    KV writes, gathers and SDPA (attend)
     norms_rope   RMSNorms (with the residual adds they fuse), q/k norms, RoPE tables and
                  rotation
@@ -115,6 +116,7 @@ def instrument(engine: EngineCore) -> None:
     _wrap(ModelRunner, "build_metadata", "metadata")
     _wrap(gemma3.Gemma3Model, "forward", "model_other")
     _wrap(gemma3.Gemma3Model, "compute_logits", "lm_head")
+    _wrap(gemma3.Gemma3Model, "greedy_tokens", "lm_head")  # greedy batches: no sampler call
     _wrap(gemma3, "attend", "attention")
     for name in ("rms_norm", "add_rms_norm", "rms_norm_rope", "apply_rope", "rope_cos_sin"):
         _wrap(gemma3, name, "norms_rope")

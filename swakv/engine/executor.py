@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from swakv.engine.runner import BatchItem, ModelRunner
-from swakv.model.sampler import Sampler
+from swakv.model.sampler import Sampler, plain_greedy
 from swakv.sched.request import Request
 from swakv.sched.scheduler import ScheduledItem
 
@@ -46,17 +46,27 @@ class ModelExecutor:
         self.runner = runner
         self.sampler = sampler
         self.eos_ids = eos_ids
+        # a batch whose sampled rows are all plain greedy (no penalties, logprobs or
+        # banned tokens) takes its tokens from the LM head without logits
+        # (`ModelRunner.forward(greedy_rows=...)`: the same tokens); False: the sampler
+        self.greedy_fast_path = True
 
     @torch.inference_mode()
     def execute(self, items: Sequence[ScheduledItem], sampling: Sequence[int]) -> ExecuteResult:
         batch = [BatchItem(i.req.kv.row, i.prefix_len,
                            i.req.token_ids[i.prefix_len : i.prefix_len + i.num_tokens])
                  for i in items]
+        if sampling and self.greedy_fast_path and all(
+                self._plain_greedy(items[k].req) for k in sampling):
+            greedy = self.runner.forward(batch, greedy_rows=sampling).greedy_token_ids
+            assert greedy is not None
+            return ExecuteResult(greedy.tolist(), [None] * len(sampling))
         # the sampler converts if needed; the logits are consumed before this returns
         out = self.runner.forward(batch, fp32_logits=False, reuse_logits=True)
         if not sampling:
             return ExecuteResult([], [])
         logits = out.last_logits
+        assert logits is not None
         if list(sampling) != list(range(logits.shape[0])):  # a chunk that does not sample
             logits = logits.index_select(0, torch.tensor(list(sampling), dtype=torch.int64,
                                                          device=logits.device))
@@ -71,14 +81,24 @@ class ModelExecutor:
         )
         return ExecuteResult(res.token_ids.tolist(), res.logprobs)
 
+    def _plain_greedy(self, req: Request) -> bool:
+        """Whether the sampler would take a plain argmax of this request's logits."""
+        p = req.params
+        return plain_greedy(p) and not self._banned(req)
+
+    def _banned(self, req: Request) -> list[int]:
+        """Token ids this request may not sample yet (before `min_tokens` outputs)."""
+        p = req.params
+        if req.num_output_tokens >= p.min_tokens:
+            return []
+        return list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
+
     def _mask_early_stops(self, logits: torch.Tensor, reqs: list[Request]) -> None:
         """Before `min_tokens` outputs, EOS and stop tokens cannot be sampled.
 
         Ids are in range: `EngineCore.validate_request` refused any other at submission.
         """
         for j, req in enumerate(reqs):
-            p = req.params
-            if req.num_output_tokens < p.min_tokens:
-                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_ids))
-                if banned:
-                    logits[j, banned] = float("-inf")
+            banned = self._banned(req)
+            if banned:
+                logits[j, banned] = float("-inf")

@@ -41,14 +41,19 @@ class BatchItem:
 @dataclass(frozen=True)
 class ForwardOutput:
     """`last_logits`: [num_items, vocab], logits of each item's last new token (fp32,
-    or the model dtype when `forward(..., fp32_logits=False)`).
+    or the model dtype when `forward(..., fp32_logits=False)`); None when the call asked
+    for greedy tokens instead.
 
     `all_logits[i]`: fp32 [n_i, vocab] for every new token of item i (only when
     requested; `last_logits[i]` equals `all_logits[i][-1]`).
+
+    `greedy_token_ids`: int64 [len(greedy_rows)], with `forward(..., greedy_rows=...)`:
+    the first maximum of those items' last logits, which are never built.
     """
 
-    last_logits: torch.Tensor
+    last_logits: torch.Tensor | None
     all_logits: list[torch.Tensor] | None
+    greedy_token_ids: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -92,17 +97,23 @@ class ModelRunner:
         )
 
     def forward(self, items: Sequence[BatchItem], return_all_logits: bool = False,
-                fp32_logits: bool = True, reuse_logits: bool = False) -> ForwardOutput:
+                fp32_logits: bool = True, reuse_logits: bool = False,
+                greedy_rows: Sequence[int] | None = None) -> ForwardOutput:
         """One model step over `items` (in order); see the module docstring for the contract.
 
         `reuse_logits`: `last_logits` (model dtype) may be a view of a buffer the runner
         reuses, valid only until its next forward; the LM head then writes its output in
-        place instead of faulting in a fresh [items, vocab] tensor every step."""
+        place instead of faulting in a fresh [items, vocab] tensor every step.
+        `greedy_rows` (indices into `items`, in order): return only `greedy_token_ids`,
+        the greedy token after the last new token of each of those items, with the LM
+        head run on those rows alone and no logits kept (`Gemma3Model.greedy_tokens`)."""
         with torch.inference_mode():
-            meta = self.build_metadata(items)
-            input_ids = _flat_ids(items)
-            hidden = self.model.forward(input_ids, meta, self.kv_pool)
+            hidden = self._hidden(items)
             lens = [it.num_new for it in items]
+            if greedy_rows is not None:
+                ends = torch.tensor(lens).cumsum(0) - 1
+                tokens = self.model.greedy_tokens(hidden[ends[list(greedy_rows)]])
+                return ForwardOutput(None, None, tokens)
             if return_all_logits:
                 logits = self.model.compute_logits(hidden)
                 parts = list(logits.split(lens))
@@ -112,6 +123,11 @@ class ModelRunner:
                 hidden = hidden[torch.tensor(lens).cumsum(0) - 1]
             out = self._logits_out(hidden) if reuse_logits else None
             return ForwardOutput(self.model.compute_logits(hidden, fp32_logits, out), None)
+
+    def _hidden(self, items: Sequence[BatchItem]) -> torch.Tensor:
+        """The final hidden states [total new tokens, hidden] of one step over `items`."""
+        meta = self.build_metadata(items)
+        return self.model.forward(_flat_ids(items), meta, self.kv_pool)
 
     def _logits_out(self, hidden: torch.Tensor) -> torch.Tensor:
         """The first rows of the logits workspace (grown in powers of two rows)."""

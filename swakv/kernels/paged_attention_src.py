@@ -54,6 +54,10 @@ Registered as torch ops in namespace `swakv`:
 - `add_rms_norm_bf16(h bf16 [T, D] contiguous, y bf16 [T, D] (unit column stride), wy, wx
   float32 [D], eps) -> (h_out, x_out) bf16 [T, D]`: h_out = bf16(h + rms_norm_bf16(y, wy)),
   x_out = rms_norm_bf16(h_out, wx), bit-identical (the residual add and the next norm).
+- `argmax_update_bf16(x bf16 [M, N] (unit column stride), best_value float32 [M],
+  best_index int64 [M], offset) -> ()`: per row, when x's first maximum (NaN largest,
+  first NaN wins) beats best_value (strictly, or NaN over a number), stores it and
+  offset + its column: fed tiles in column order, the first maximum of the whole row.
 - `rms_norm_rope_bf16(x bf16 [T, H, D] (unit last stride), weight as above, eps,
   cos, sin bf16 [T, D / 2]) -> bf16 [T, H, D]`: `rms_norm_bf16`, then rotary embedding
   with half-width cos / sin, rounding to bf16 after each product and the sum as the
@@ -71,6 +75,7 @@ Registered as torch ops in namespace `swakv`:
   bit-identical (the w8a8 gate/up epilogue).
 """
 
+from swakv.kernels.argmax_src import ARGMAX_SOURCE
 from swakv.kernels.decode_src import DECODE_SOURCE
 from swakv.kernels.extend_src import EXTEND_SOURCE
 from swakv.kernels.flash_src import FLASH_SOURCE
@@ -217,6 +222,7 @@ TORCH_LIBRARY(swakv, m) {
   m.def("quantize_rows_int8(Tensor x) -> (Tensor, Tensor)");
   m.def("rescale_int32(Tensor acc, Tensor sx, Tensor sw, ScalarType dtype) -> Tensor");
   m.def("rescale_gelu_mul_bf16(Tensor acc, Tensor sx, Tensor sw) -> Tensor");
+  m.def("argmax_update_bf16(Tensor x, Tensor(a!) best_value, Tensor(b!) best_index, int offset) -> ()");
   m.def("add_rms_norm_bf16(Tensor h, Tensor y, Tensor wy, Tensor wx, float eps) -> (Tensor, Tensor)");
 }
 
@@ -234,6 +240,7 @@ TORCH_LIBRARY_IMPL(swakv, CPU, m) {
   m.impl("quantize_rows_int8", &quantize_rows_int8);
   m.impl("rescale_int32", &rescale_int32);
   m.impl("rescale_gelu_mul_bf16", &rescale_gelu_mul_bf16);
+  m.impl("argmax_update_bf16", &argmax_update_bf16);
   m.impl("add_rms_norm_bf16", &add_rms_norm_bf16);
 }
 
@@ -243,5 +250,5 @@ TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {
 """
 
 SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, FLASH_SOURCE, QUANT_SOURCE,
-                    W8A8_SOURCE, NORM_SOURCE,
+                    W8A8_SOURCE, NORM_SOURCE, ARGMAX_SOURCE,
                     REGISTRATION_SOURCE))

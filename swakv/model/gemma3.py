@@ -39,6 +39,7 @@ from swakv.model.quant import (
     mkldnn_bf16,
 )
 from swakv.model.rope import RopeKey, apply_rope, inv_freq, rope_cos_sin
+from swakv.model.sampler import greedy_ids
 
 
 def rms_norm(x: torch.Tensor, weight_plus_one: torch.Tensor, eps: float) -> torch.Tensor:
@@ -251,6 +252,15 @@ class Gemma3Model:
             else:
                 h = h + rms_norm(m, layer.post_ff_norm, eps)
         return h
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """int64 [N]: the first maximum of `compute_logits(hidden)` per row, without the
+        [N, vocab] logits where the LM head can (`argmax` of DenseKernel / QuantLinear:
+        the same kernel, so the same values). A final softcap is monotonic but may merge
+        nearly equal logits into ties, so models with one take the logits."""
+        if self.final_softcap is not None:
+            return greedy_ids(self.compute_logits(hidden))
+        return self.lm_head.argmax(rms_norm(hidden, self.final_norm, self.eps))
 
     def compute_logits(self, hidden: torch.Tensor, fp32: bool = True,
                        out: torch.Tensor | None = None) -> torch.Tensor:

@@ -95,6 +95,7 @@ from swakv.model.quant_kernels import (
     mkldnn_bf16,
     quantize_per_token,
 )
+from swakv.model.sampler import greedy_ids
 
 __all__ = [  # formats and kernels are re-exported: callers import the whole API from here
     "INT4_GROUP_SIZE", "INT8_GROUP_SIZE", "INT8_MAX", "DenseKernel", "Int32Workspace",
@@ -268,6 +269,14 @@ class QuantLinear:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
         return self._kernel_for(x2.shape[0])(x2).reshape(*lead, self.out_features)
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """int64 [M]: the first maximum's column of each row of x [M, in] @ W^T, by the
+        kernel for M rows (`DenseKernel.argmax` when that is the dense one)."""
+        kernel = self._kernel_for(x.shape[0])
+        if isinstance(kernel, DenseKernel):
+            return kernel.argmax(x.contiguous())
+        return greedy_ids(kernel(x.contiguous()))
 
     def into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """x [M, in] @ W^T written into `out` [M, out] by the kernel for M rows."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from swakv.kernels.cpu_build import cpu_kernels_available
 from swakv.model.quant_formats import INT8_MAX, Int4Weights, Int8GroupWeights, Int8Weights
+from swakv.model.sampler import greedy_ids
 
 
 def mkldnn_bf16() -> bool:
@@ -62,6 +63,20 @@ class DenseKernel:
         if self._packed:
             return self.into(x, x.new_empty(x.shape[0], self.out_features))
         return F.linear(x, self._plain)  # type: ignore[arg-type]
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """int64 [M]: per row of x [M, in], the column of the first maximum of x @ W^T,
+        exactly `argmax` of `self(x)`. With bf16 prepacked tiles each tile's output goes
+        to `swakv.argmax_update_bf16` while it is in cache: no [M, out] output is
+        written or scanned again (the greedy LM head)."""
+        if not self._packed or x.dtype != torch.bfloat16 or not cpu_kernels_available():
+            return greedy_ids(self(x))
+        best_value = torch.full((x.shape[0],), float("-inf"), device=x.device)
+        best_index = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        for lo, _, tile in self._packed:
+            y = torch.ops.mkldnn._linear_pointwise(x, tile, None, "none", [], "")
+            torch.ops.swakv.argmax_update_bf16(y, best_value, best_index, lo)
+        return best_index
 
     def into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Write x [M, in] @ W^T into `out` [M, out] (x's dtype) and return it."""

@@ -70,7 +70,7 @@ class Sampler:
         batch = len(params)
         if logits.shape[0] != batch or not (len(generators) == len(prompt_token_ids) == len(output_token_ids) == batch):
             raise ValueError("logits rows, params, generators and token histories must align")
-        if all(p.is_greedy and p.logprobs is None and not _penalised(p) for p in params):
+        if all(plain_greedy(p) for p in params):
             return SampleResult(greedy_ids(logits), [None] * batch)
         raw = logits.float()
         scores = apply_penalties(raw, params, prompt_token_ids, output_token_ids)
@@ -87,6 +87,12 @@ class Sampler:
             )
             token_ids[rand] = draw_inverse_cdf(probs, uniforms)
         return SampleResult(token_ids, _logprobs(raw, params, token_ids))
+
+
+def plain_greedy(p: SamplingParams) -> bool:
+    """Whether a row with these settings is an argmax of its raw logits (greedy, no
+    penalties, no logprobs)."""
+    return p.is_greedy and p.logprobs is None and not _penalised(p)
 
 
 GREEDY_BLOCK = 4096
