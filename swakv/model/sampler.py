@@ -17,7 +17,9 @@ before penalties and temperature), for the chosen token and the top `logprobs`.
 Logits may come in the model's dtype (bf16 on the fast path): a batch that is all
 greedy with no penalties and no logprobs takes `max(dim=-1).indices` on them as they
 are (first maximum, like argmax; bf16 -> fp32 is exact, so the choice is the same as
-on fp32 logits, with no [B, V] copy); anything else works on an fp32 copy.
+on fp32 logits, with no [B, V] copy); anything else works on an fp32 copy. In the
+engine such a batch does not even get here: `ModelExecutor` asks the runner for the
+greedy tokens (`plain_greedy`, `Gemma3Model.greedy_tokens`) and no logits are built.
 """
 
 from __future__ import annotations
