@@ -34,6 +34,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,6 +75,14 @@ def server_command(engine: str, ns: argparse.Namespace, model_dir: str, gguf: st
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start one server on PORT; refuses while another process listens there (its
+    answers would be measured in place of this server's)."""
+    try:
+        socket.create_connection(("127.0.0.1", PORT), timeout=1).close()
+    except OSError:
+        pass
+    else:
+        raise RuntimeError(f"port {PORT} is already served by another process")
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_KVCACHE_SPACE="4")
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
@@ -88,10 +97,6 @@ def wait_ready(proc: subprocess.Popen, timeout: float) -> str:
         try:
             r = httpx.get(f"http://127.0.0.1:{PORT}/v1/models", timeout=2)
             if r.status_code == 200:
-                time.sleep(1)  # a server that lost the port to another exits by now
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {proc.returncode}; port {PORT} "
-                                       "answered by another process")
                 return r.json()["data"][0]["id"]
         except httpx.HTTPError:
             pass
