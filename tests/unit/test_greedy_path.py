@@ -123,6 +123,10 @@ def _outputs(tiny_dir: str, dtype: str, fast: bool,
         eng.step()
         eng.check_integrity()
     assert all(r.is_finished for r in reqs)
+    eng.flush_cache()
+    eng.check_integrity()
+    assert eng.allocator.available() == eng.allocator.total()  # every page came back
+    assert eng.req_table.num_free == eng.req_table.num_rows
     return [list(r.output_ids) for r in reqs], calls
 
 
