@@ -49,7 +49,8 @@ Memory: the dense copies are kept because every role's dispatch needs them, so
 511 MiB; grouped int8 adds one fp32 scale per 32 weights, 21 MiB for the LM head);
 they buy speed for small batches, not memory. The tied LM head's embedding table stays exact either way.
 
-Kernels (torch ops and swakv's C++ kernels, no Python loops over rows or groups):
+Kernels (in swakv.model.quant_kernels; torch ops and swakv's C++ kernels, no Python loops
+over rows or groups):
 - dense: oneDNN prepacked bf16 (`mkldnn._linear_pointwise`), else F.linear;
 - grouped int8 weight-only: `swakv.int8_group_mm` (swakv.kernels.quant_src; AVX-512
   when the CPU has it), fp32 sums; without the C++ kernels `int8` runs dense only;
