@@ -5,8 +5,12 @@ replaces some linears' weights by their int4 effective weights (groups of 32, wh
 `--quantization int4` runs) and keeps the rest exact, then scores the 32 prompts of
 bench/quant_quality.py (64 tokens teacher-forced on the float32 greedy continuation):
 
-    rtn:ROLES   swakv's int4 (`Int4Weights.quantize`) on ROLES ("all", or roles joined
-                by "+": qkv, o, gate_up, down, lm_head), the rest exact
+    rtn:ROLES   swakv's int4 (`Int4Weights.quantize`) on ROLES ("all", or parts joined
+                by "+": a role (qkv, o, gate_up, down, lm_head), "layers" (every
+                linear but the LM head) or "layerN" (every linear of layer N)), the
+                rest exact
+    rtn/gN:ROLES  the same with groups of N input columns instead of 32 (int4 plus
+                a bf16 scale and zero per group: 4 + 32 / N bits per weight)
     gptq:ROLES  GPTQ (Frantar et al. 2022: columns rounded in order, each one's error
                 spread over the columns not yet rounded through the inverse Hessian
                 of the layer's inputs) on the same int4 groups; Hessians from
@@ -18,6 +22,12 @@ bench/quant_quality.py (64 tokens teacher-forced on the float32 greedy continuat
 
     flock /tmp/swakv-cpu.lock .venv/bin/python bench/int4_sensitivity.py \
         --variants rtn:all,gptq:all,rtn:qkv,gptq:qkv
+
+Whether a few layers carry the cost (int4 on one layer at a time) and what smaller
+groups buy:
+
+    flock /tmp/swakv-cpu.lock .venv/bin/python bench/int4_sensitivity.py \
+        --variants rtn:layers,$(seq -s, -f rtn:layer%g 0 17),rtn/g16:all,rtn/g8:all
 """
 
 from __future__ import annotations
@@ -66,6 +76,29 @@ class _Recorder:
 
     def into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out.copy_(self(x))
+
+
+def selected(name: str, selection: str) -> bool:
+    """Whether the linear `name` ("lm_head" / "layers.{i}.{role}") is in `selection`
+    (see the module docstring's ROLES)."""
+    if selection == "all":
+        return True
+    layer = None if name == "lm_head" else name.split(".")[1]
+    for part in selection.split("+"):
+        if part == role_of(name) or (part == "layers" and layer is not None):
+            return True
+        if part.startswith("layer") and part != "layers" and part[5:] == layer:
+            return True
+    return False
+
+
+def parse_variant(variant: str) -> tuple[str, int, str]:
+    """"rtn/g16:qkv" -> ("rtn", 16, "qkv"); the group is INT4_GROUP_SIZE by default."""
+    method, selection = variant.split(":")
+    method, _, group = method.partition("/g")
+    if method not in ("rtn", "gptq") or (group and method != "rtn"):
+        raise SystemExit(f"unknown variant {variant!r}: rtn[/gN]:ROLES or gptq:ROLES")
+    return method, int(group) if group else INT4_GROUP_SIZE, selection
 
 
 def set_linear(model: Gemma3Model, name: str, linear) -> None:
@@ -133,6 +166,8 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=8, help="sequences of 1,024 tokens")
     ap.add_argument("--out", default="bench/results/int4_sensitivity.json")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    parsed = [parse_variant(v) for v in variants]  # a typo fails before the slow part
     torch.set_num_threads(args.threads)
     loaded, tok, prompts = load_with_prompts(args.model)
     model = Gemma3Model(loaded.spec, loaded.weights, torch.float32, prepack=False)
@@ -140,23 +175,21 @@ def main() -> None:
     ref = Scorer(model, torch.float32)
     tokens = ref.greedy(prompts, 64)
     ref_lps = [ref.continuation_logits(p, t).log_softmax(-1) for p, t in zip(prompts, tokens)]
-    variants = args.variants.split(",")
     hessians = {}
-    if any(v.startswith("gptq") for v in variants):
+    if any(method == "gptq" for method, _, _ in parsed):
         bos = loaded.spec.bos_token_id or 2
         hessians = collect_hessians(model, calibration_sequences(tok, bos, args.calibration, 1024))
     print(f"{'variant':<16} {'top1':>8} {'mean KL':>9} {'max KL':>8} {'quantize s':>10}")
     results = []
-    for variant in variants:
-        method, roles = variant.split(":")
+    for variant, (method, group, selection) in zip(variants, parsed):
         t0 = time.perf_counter()
         for name, w in exact.items():
-            if roles != "all" and role_of(name) not in roles.split("+"):
+            if not selected(name, selection):
                 eff = w
             elif method == "gptq":
                 eff = gptq_int4(w, hessians[name])
             else:
-                eff = Int4Weights.quantize(w).dequantize(torch.float32)
+                eff = Int4Weights.quantize(w, group).dequantize(torch.float32)
             set_linear(model, name, DenseKernel(eff, torch.float32, prepack=False))
         seconds = time.perf_counter() - t0
         top1, kl, kl_max, _ = score(model, torch.float32, prompts, tokens, ref_lps)
