@@ -21,6 +21,11 @@ Installing the peers (minutes each; run nothing else while measuring):
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF` and
   `cmake --build build -j 2 --target llama-server`; it serves the bundled GGUF file.
 
+`--rounds N` runs the engine list N times in turn (A, B, A, B, ...) and ends with each
+engine's per-round ratios to `--baseline` (default vllm) and their medians: timings on
+a shared VM move by 10% or more between minutes, so a ratio from one round is one
+sample.
+
 Engines whose executables are not found are skipped (their row says so). `--chat-sessions`
 per engine (`llama:16`) shrinks the chat workload for an engine that would take an hour
 on it; the table names the sessions used. Writes JSON (`--out`).
@@ -35,6 +40,7 @@ import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -185,6 +191,53 @@ def table(results: dict) -> str:
         "prefill: 2,000-token prompt tok/s)"
 
 
+METRICS = (("chat", lambda row: row["chat"]["output_tok_per_s"]),
+           ("docs", lambda row: row["docs"]["output_tok_per_s"]),
+           ("decode b1", lambda row: row["single_stream_decode_tok_per_s"]),
+           ("prefill", lambda row: row["prefill_tok_per_s"]))
+
+
+def ratios(rounds: list[dict], baseline: str) -> dict[str, dict[str, list[float]]]:
+    """engine -> metric -> that engine's value over the baseline's, one per round in
+    which both have a full row."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for results in rounds:
+        base = results.get(baseline, {})
+        if "chat" not in base:
+            continue
+        for engine, row in results.items():
+            if engine == baseline or "chat" not in row:
+                continue
+            per = out.setdefault(engine, {name: [] for name, _ in METRICS})
+            for name, get in METRICS:
+                per[name].append(get(row) / get(base))
+    return out
+
+
+def ratio_table(by_engine: dict[str, dict[str, list[float]]], baseline: str) -> str:
+    lines = [f"ratio to {baseline}: median (per round)"]
+    for engine, per in by_engine.items():
+        cells = [f"{name} {statistics.median(v):.2f}x ({', '.join(f'{x:.2f}' for x in v)})"
+                 for name, v in per.items()]
+        lines.append(f"{engine:<18}" + "; ".join(cells))
+    return "\n".join(lines)
+
+
+def run_round(ns: argparse.Namespace, paths: tuple[str, str]) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    for engine in ns.engines.split(","):
+        exe = {"vllm": ns.vllm_python, "llama": ns.llama_server}.get(engine)
+        if exe is not None and not Path(exe).exists():
+            results[engine] = {"error": f"skipped: {exe} not found"}
+            continue
+        try:
+            results[engine] = measure(engine, ns, paths)
+        except Exception as e:  # one engine failing must not lose the others' rows
+            results[engine] = {"error": f"{type(e).__name__}: {e}"}
+        print(engine, json.dumps(results[engine]), flush=True)
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--engines", default="swakv,vllm,llama",
@@ -200,26 +253,28 @@ def main() -> int:
     ap.add_argument("--swakv-args", default="", help="extra `swakv serve` flags")
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--log-dir", default="/tmp")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the engine list this many times in turn (see the docstring)")
+    ap.add_argument("--baseline", default="vllm", help="the engine ratios are taken to")
     ap.add_argument("--out", default="bench/results/peers.json")
     ns = ap.parse_args()
+    if ns.rounds < 1:
+        ap.error("--rounds must be at least 1")
     ns.chat_sessions = {k: int(v) for k, v in
                         (item.split(":") for item in ns.chat_sessions.split(",") if item)}
     paths = model_paths()
-    results: dict[str, dict] = {}
-    for engine in ns.engines.split(","):
-        exe = {"vllm": ns.vllm_python, "llama": ns.llama_server}.get(engine)
-        name = engine
-        if exe is not None and not Path(exe).exists():
-            results[name] = {"error": f"skipped: {exe} not found"}
-            continue
-        try:
-            results[name] = measure(engine, ns, paths)
-        except Exception as e:  # one engine failing must not lose the others' rows
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-        print(name, json.dumps(results[name]), flush=True)
-    print(table(results))
+    rounds = []
+    for r in range(ns.rounds):
+        rounds.append(run_round(ns, paths))
+        print(f"round {r + 1} of {ns.rounds}" if ns.rounds > 1 else "", flush=True)
+        print(table(rounds[-1]), flush=True)
+    by_engine = ratios(rounds, ns.baseline)
+    if by_engine:
+        print(ratio_table(by_engine, ns.baseline))
     Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.out).write_text(json.dumps({"results": results, "time": time.time()}, indent=2))
+    Path(ns.out).write_text(json.dumps({"results": rounds[0], "rounds": rounds,
+                                        "ratios_to": ns.baseline, "ratios": by_engine,
+                                        "time": time.time()}, indent=2))
     return 0
 
 
