@@ -43,7 +43,7 @@ import torch
 from quant_quality import Scorer, load_with_prompts, score
 
 from swakv.model.gemma3 import Gemma3Model
-from swakv.model.quant import DenseKernel, role_of
+from swakv.model.quant import LINEAR_ROLES, DenseKernel, role_of
 from swakv.model.quant_formats import INT4_GROUP_SIZE, Int4Weights, quantize_int4_groups
 from swakv.model.tokenizer import Tokenizer
 
@@ -96,7 +96,12 @@ def parse_variant(variant: str) -> tuple[str, int, str]:
     """"rtn/g16:qkv" -> ("rtn", 16, "qkv"); the group is INT4_GROUP_SIZE by default."""
     method, selection = variant.split(":")
     method, _, group = method.partition("/g")
-    if method not in ("rtn", "gptq") or (group and method != "rtn"):
+    parts = [] if selection == "all" else selection.split("+")
+    known = set(LINEAR_ROLES) | {"layers"}
+    if (method not in ("rtn", "gptq") or (group and method != "rtn")
+            or any(p not in known and not (p.startswith("layer") and p[5:].isdigit())
+                   for p in parts)):
+        # a misspelt part would select nothing and score as the exact model
         raise SystemExit(f"unknown variant {variant!r}: rtn[/gN]:ROLES or gptq:ROLES")
     return method, int(group) if group else INT4_GROUP_SIZE, selection
 
