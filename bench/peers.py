@@ -266,7 +266,8 @@ def main() -> int:
     rounds = []
     for r in range(ns.rounds):
         rounds.append(run_round(ns, paths))
-        print(f"round {r + 1} of {ns.rounds}" if ns.rounds > 1 else "", flush=True)
+        if ns.rounds > 1:
+            print(f"round {r + 1} of {ns.rounds}", flush=True)
         print(table(rounds[-1]), flush=True)
     by_engine = ratios(rounds, ns.baseline)
     if by_engine:
