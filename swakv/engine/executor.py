@@ -61,15 +61,14 @@ class ModelExecutor:
             greedy = self.runner.forward(batch, greedy_rows=sampling).greedy_token_ids
             assert greedy is not None
             return ExecuteResult(greedy.tolist(), [None] * len(sampling))
-        # the sampler converts if needed; the logits are consumed before this returns
-        out = self.runner.forward(batch, fp32_logits=False, reuse_logits=True)
-        if not sampling:
+        if not sampling:  # prefill chunks only: KV is written, no LM head runs
+            self.runner.forward(batch, logit_rows=())
             return ExecuteResult([], [])
-        logits = out.last_logits
+        # the sampler converts if needed; the logits are consumed before this returns
+        out = self.runner.forward(batch, fp32_logits=False, reuse_logits=True,
+                                  logit_rows=sampling)
+        logits = out.last_logits  # one row per sampling item, in `sampling`'s order
         assert logits is not None
-        if list(sampling) != list(range(logits.shape[0])):  # a chunk that does not sample
-            logits = logits.index_select(0, torch.tensor(list(sampling), dtype=torch.int64,
-                                                         device=logits.device))
         reqs = [items[k].req for k in sampling]
         self._mask_early_stops(logits, reqs)
         res = self.sampler.sample(

@@ -49,6 +49,9 @@ class ForwardOutput:
 
     `greedy_token_ids`: int64 [len(greedy_rows)], with `forward(..., greedy_rows=...)`:
     the first maximum of those items' last logits, which are never built.
+
+    With `forward(..., logit_rows=rows)`, `last_logits` holds only those items' rows, in
+    the order given; with `rows` empty the LM head is not run and both fields are None.
     """
 
     last_logits: torch.Tensor | None
@@ -98,7 +101,8 @@ class ModelRunner:
 
     def forward(self, items: Sequence[BatchItem], return_all_logits: bool = False,
                 fp32_logits: bool = True, reuse_logits: bool = False,
-                greedy_rows: Sequence[int] | None = None) -> ForwardOutput:
+                greedy_rows: Sequence[int] | None = None,
+                logit_rows: Sequence[int] | None = None) -> ForwardOutput:
         """One model step over `items` (in order); see the module docstring for the contract.
 
         `reuse_logits`: `last_logits` (model dtype) may be a view of a buffer the runner
@@ -106,21 +110,28 @@ class ModelRunner:
         place instead of faulting in a fresh [items, vocab] tensor every step.
         `greedy_rows` (indices into `items`, in order): return only `greedy_token_ids`,
         the greedy token after the last new token of each of those items, with the LM
-        head run on those rows alone and no logits kept (`Gemma3Model.greedy_tokens`)."""
+        head run on those rows alone and no logits kept (`Gemma3Model.greedy_tokens`).
+        `logit_rows` (indices into `items`, in order; None: every item): the items whose
+        last logits are built; a step in which no item samples passes () and skips the
+        LM head. Ignored with `return_all_logits`."""
         with torch.inference_mode():
             hidden = self._hidden(items)
             lens = [it.num_new for it in items]
-            if greedy_rows is not None:
-                ends = torch.tensor(lens).cumsum(0) - 1
-                tokens = self.model.greedy_tokens(hidden[ends[list(greedy_rows)]])
-                return ForwardOutput(None, None, tokens)
             if return_all_logits:
                 logits = self.model.compute_logits(hidden)
                 parts = list(logits.split(lens))
                 last = torch.stack([p[-1] for p in parts])
                 return ForwardOutput(last, parts)
-            if len(lens) != hidden.shape[0]:
+            rows = greedy_rows if greedy_rows is not None else logit_rows
+            if rows is not None and len(rows) == 0:
+                empty = torch.empty(0, dtype=torch.int64) if greedy_rows is not None else None
+                return ForwardOutput(None, None, empty)
+            if rows is not None and list(rows) != list(range(len(lens))):
+                hidden = hidden[(torch.tensor(lens).cumsum(0) - 1)[list(rows)]]
+            elif len(lens) != hidden.shape[0]:
                 hidden = hidden[torch.tensor(lens).cumsum(0) - 1]
+            if greedy_rows is not None:
+                return ForwardOutput(None, None, self.model.greedy_tokens(hidden))
             out = self._logits_out(hidden) if reuse_logits else None
             return ForwardOutput(self.model.compute_logits(hidden, fp32_logits, out), None)
 

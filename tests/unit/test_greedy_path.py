@@ -146,3 +146,36 @@ def test_engine_greedy_fast_path_gives_the_sampler_tokens(tiny_dir: str, dtype: 
     fast, _ = _outputs(tiny_dir, dtype, True, mixed)
     slow, _ = _outputs(tiny_dir, dtype, False, mixed)
     assert fast == slow
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_lm_head_runs_only_on_rows_that_sample(tiny_dir: str, fast: bool) -> None:
+    """Prefill chunks that do not complete their prompt never reach the LM head: a step
+    of such chunks alone skips it, and a mixed step builds one row per sampling item
+    (the greedy path and the sampler's alike); the tokens match a one-chunk prefill."""
+    def run(chunk_size: int) -> tuple[list[list[int]], list[int], int]:
+        eng = build_engine(tiny_dir, EngineConfig(page_size=4, chunk_size=chunk_size,
+                                                  max_running_requests=8, decode_reserve=8),
+                           sizes=PoolSizes(256, 256, 4, 0, 0))
+        eng.executor.greedy_fast_path = fast
+        model, head_rows = eng.runner.model, []
+        real_logits, real_greedy = model.compute_logits, model.greedy_tokens
+        model.compute_logits = lambda h, *a, **k: head_rows.append(h.shape[0]) or real_logits(h, *a, **k)
+        model.greedy_tokens = lambda h: head_rows.append(h.shape[0]) or real_greedy(h)
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        reqs = [eng.add_request([7 + (3 * i + j) % 90 for j in range(n)], params)
+                for i, n in enumerate((40, 5, 23))]
+        sampled_per_step, steps = [], 0
+        while not all(r.is_finished for r in reqs):
+            before = sum(r.num_output_tokens for r in reqs)
+            eng.step()
+            eng.check_integrity()
+            steps += 1
+            sampled_per_step.append(sum(r.num_output_tokens for r in reqs) - before)
+        assert head_rows == [n for n in sampled_per_step if n > 0]
+        return [list(r.output_ids) for r in reqs], sampled_per_step, steps
+
+    chunked, sampled, _ = run(8)
+    assert 0 in sampled  # steps of incomplete chunks only: no LM head ran in them
+    whole, _, _ = run(64)
+    assert chunked == whole

@@ -295,3 +295,36 @@ def test_greedy_continuation_matches_generate(tiny: Tiny) -> None:
                 h.advance_frontier(r)
             h.garbage_request()
     assert got == expected
+
+
+def test_logit_rows_pick_items_and_empty_rows_skip_the_lm_head(
+        tiny: Tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`logit_rows` returns the chosen items' last logits in the order asked; `()` writes
+    the KV of a chunk without running the LM head, and the next chunk still matches."""
+    w, vocab = tiny.window, tiny.spec.vocab_size
+    h = Harness(tiny, page=4)
+    seqs = [_random_ids(3 * w, vocab, seed=40 + i) for i in range(3)]
+    refs = [tiny.ref_logits(s) for s in seqs]
+    rows = [h.new_row() for _ in seqs]
+    lens = [5, w + 2, 2 * w - 1]
+    out = h.runner.forward([h.extend_item(r, s[:n]) for r, s, n in zip(rows, seqs, lens)],
+                           logit_rows=[2, 0])
+    assert out.last_logits is not None and out.last_logits.shape[0] == 2
+    _assert_close(out.last_logits[0], refs[2][lens[2] - 1])
+    _assert_close(out.last_logits[1], refs[0][lens[0] - 1])
+
+    heads = []
+    real_logits, real_greedy = tiny.model.compute_logits, tiny.model.greedy_tokens
+    monkeypatch.setattr(tiny.model, "compute_logits", lambda *a, **k: heads.append(1) or real_logits(*a, **k))
+    monkeypatch.setattr(tiny.model, "greedy_tokens", lambda *a, **k: heads.append(1) or real_greedy(*a, **k))
+    chunk = [h.extend_item(r, s[n : n + 3]) for r, s, n in zip(rows, seqs, lens)]
+    skipped = h.runner.forward(chunk, logit_rows=())
+    greedy = h.runner.forward([h.extend_item(r, s[n + 3 : n + 5]) for r, s, n in zip(rows, seqs, lens)],
+                              greedy_rows=())
+    assert skipped.last_logits is None and skipped.all_logits is None
+    assert greedy.greedy_token_ids is not None and greedy.greedy_token_ids.numel() == 0
+    assert heads == []  # neither call ran the LM head
+    out = h.runner.forward([h.extend_item(r, s[n + 5 : n + 7]) for r, s, n in zip(rows, seqs, lens)],
+                           logit_rows=[1])
+    assert heads == [1]
+    _assert_close(out.last_logits[0], refs[1][lens[1] + 6])
