@@ -63,6 +63,11 @@ static inline float row_dot(const c10::BFloat16* qraw, const float* qf, const c1
 }
 
 #if defined(__AVX512F__)
+// Lanes j < n of 16-lane step j0: the mask of a (possibly partial) last step.
+static inline __mmask16 tail_mask(int64_t j0, int64_t n) {
+  return n - j0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j0)) - 1u);
+}
+
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -123,13 +128,15 @@ static void accumulate_pv_bf16(const float* p, int64_t p_stride, int64_t G, cons
                                int64_t n, const c10::BFloat16* vd, int64_t KVH, int64_t h,
                                int64_t D, float* acc) {
   const int64_t num_pairs = (n + 1) / 2;
-  uint32_t pp[4][kChunk / 2];  // (bf16(p_2i), bf16(p_2i+1)) per head
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t i = 0; i < num_pairs; ++i) {
-      const uint32_t lo = bf16_bits(p[g * p_stride + 2 * i]);
-      const uint32_t hi = 2 * i + 1 < n ? bf16_bits(p[g * p_stride + 2 * i + 1]) : 0u;
-      pp[g][i] = lo | (hi << 16);
+  // (bf16(p_2i), bf16(p_2i+1)) per head: the bf16 row of p read as 32-bit pairs, 0 past n
+  alignas(64) uint32_t pp[4][kChunk / 2];
+  for (int64_t g = 0; g < G; ++g) {
+    uint16_t* row = reinterpret_cast<uint16_t*>(pp[g]);
+    for (int64_t j = 0; j < 2 * num_pairs; j += 16) {
+      const __m512 v = _mm512_maskz_loadu_ps(tail_mask(j, n), p + g * p_stride + j);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + j), (__m256i)_mm512_cvtneps_pbh(v));
     }
+  }
   const uint16_t* vbase = reinterpret_cast<const uint16_t*>(vd);
   for (int64_t d0 = 0; d0 < D; d0 += 64) {
     __m512 a[4][4];
@@ -233,6 +240,40 @@ static void qk_dots_g4(const c10::BFloat16* qrows, const int64_t* slots, int64_t
 }
 #endif
 
+
+#if defined(__AVX512BF16__)
+// Raw scores s[g * kChunk + j] (j < n, g < G) -> exp(score - max) in place, where score
+// = softcap_of(raw * scale); part[g * stride] = max, part[g * stride + 1] = sum. The
+// arithmetic of the scalar loops (same exp polynomial), sixteen lanes at a time.
+static void softmax_chunk(float* s, int64_t G, int64_t n, float scale, float softcap,
+                          float* part, int64_t stride) {
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = s + g * kChunk;
+    if (softcap > 0.0f)
+      for (int64_t j = 0; j < n; ++j) sg[j] = softcap_of(sg[j] * scale, softcap);
+    const __m512 mul = _mm512_set1_ps(softcap > 0.0f ? 1.0f : scale);
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 k = tail_mask(j, n);
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, sg + j), mul);
+      _mm512_mask_storeu_ps(sg + j, k, v);
+      mv = _mm512_mask_max_ps(mv, k, mv, v);
+    }
+    const float m = _mm512_reduce_max_ps(mv);
+    const __m512 mm = _mm512_set1_ps(m);
+    __m512 lv = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 k = tail_mask(j, n);
+      const __m512 e = _mm512_maskz_mov_ps(k, exp512_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sg + j), mm)));
+      _mm512_mask_storeu_ps(sg + j, k, e);
+      lv = _mm512_add_ps(lv, e);
+    }
+    part[g * stride] = m;
+    part[g * stride + 1] = _mm512_reduce_add_ps(lv);
+  }
+}
+#endif
+
 template <typename T>
 void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp,
                  const at::Tensor& table, const at::Tensor& rows, const at::Tensor& key_lo,
@@ -292,38 +333,38 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp
       }
       const T* qrows = qd + (b * H + h * G) * D;  // G consecutive heads share KV head h
       for (int64_t g = 0; g < G; ++g) load_row(qrows + g * D, &qf[g * D], D);
-      bool dots_done = false;
+      float* part = &partial[(c * KVH + h) * G * stride];
+      bool vector_done = false;  // the G = 4 bf16 path: raw dots, then softmax_chunk
 #if defined(__AVX512BF16__)
       if constexpr (std::is_same_v<T, c10::BFloat16>) {
         if (G == 4 && D % 32 == 0) {
           qk_dots_g4(qrows, slots.data(), n, kd, vd, KVH, h, D, s.data());
-          for (int64_t g = 0; g < G; ++g)
-            for (int64_t j = 0; j < n; ++j)
-              s[g * kChunk + j] = softcap_of(s[g * kChunk + j] * scale, softcap);
-          dots_done = true;
+          softmax_chunk(s.data(), G, n, scale, softcap, part, stride);
+          vector_done = true;
         }
       }
 #endif
-      for (int64_t j = 0; j < n && !dots_done; ++j) {
-        if (j + kPrefetch < n) prefetch_row(kd + (slots[j + kPrefetch] * KVH + h) * D, D);
-        const T* krow = kd + (slots[j] * KVH + h) * D;
-        for (int64_t g = 0; g < G; ++g)
-          s[g * kChunk + j] = softcap_of(row_dot(qrows + g * D, &qf[g * D], krow, kf.data(), D) * scale, softcap);
-      }
-      float* part = &partial[(c * KVH + h) * G * stride];
-      for (int64_t g = 0; g < G; ++g) {
-        float* sg = &s[g * kChunk];
-        float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-        for (int64_t j = 0; j < n; ++j) m = sg[j] > m ? sg[j] : m;
-        float l = 0.0f;
-#pragma omp simd reduction(+ : l)
+      if (!vector_done) {
         for (int64_t j = 0; j < n; ++j) {
-          sg[j] = exp_nonpos(sg[j] - m);
-          l += sg[j];
+          if (j + kPrefetch < n) prefetch_row(kd + (slots[j + kPrefetch] * KVH + h) * D, D);
+          const T* krow = kd + (slots[j] * KVH + h) * D;
+          for (int64_t g = 0; g < G; ++g)
+            s[g * kChunk + j] = softcap_of(row_dot(qrows + g * D, &qf[g * D], krow, kf.data(), D) * scale, softcap);
         }
-        part[g * stride] = m;
-        part[g * stride + 1] = l;
+        for (int64_t g = 0; g < G; ++g) {
+          float* sg = &s[g * kChunk];
+          float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+          for (int64_t j = 0; j < n; ++j) m = sg[j] > m ? sg[j] : m;
+          float l = 0.0f;
+#pragma omp simd reduction(+ : l)
+          for (int64_t j = 0; j < n; ++j) {
+            sg[j] = exp_nonpos(sg[j] - m);
+            l += sg[j];
+          }
+          part[g * stride] = m;
+          part[g * stride + 1] = l;
+        }
       }
       for (int64_t j = 0; j < kPrefetch && j < n; ++j) prefetch_row(vd + (slots[j] * KVH + h) * D, D);
 #if defined(__AVX512BF16__)
