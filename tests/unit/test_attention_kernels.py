@@ -211,7 +211,8 @@ def test_bf16_dot_kernel_gives_fp32_scores(num_keys: int, key_lo: int, key_hi: i
 @pytest.mark.parametrize(("n", "group", "q_pos0", "key_pos", "window", "softcap"),
                          [(1, 4, 0, 0, 0, 0.0), (37, 4, 0, 0, 0, 0.0), (21, 4, 60, 0, 0, 0.0),
                           (50, 4, 90, 75, 16, 0.0), (13, 2, 40, 9, 32, 2.5), (9, 1, 5, 0, 0, 0.0),
-                          (70, 4, 700, 189, 512, 0.0)])
+                          (70, 4, 700, 189, 512, 0.0), (130, 4, 300, 0, 0, 0.0),
+                          (200, 4, 1000, 377, 300, 2.0)])
 def test_flash_extend_kernel_matches_softmax_attention(n: int, group: int, q_pos0: int, key_pos: int,
                                                        window: int, softcap: float) -> None:
     """Fused prefill attention: query i (position q_pos0 + i) of each head sees key
