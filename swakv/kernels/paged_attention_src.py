@@ -40,10 +40,15 @@ Registered as torch ops in namespace `swakv`:
   one KV head: query i (position q_pos0 + i) of each of the G heads sees key columns
   [lo, hi) with hi = q_pos0 + i + 1 - key_pos and lo = max(0, hi - window) (window > 0)
   or 0; column c is key position key_pos + c. Tiles of 64 stacked query rows walk
-  their keys 32 at a time (8-row register blocks): q.k exact bf16 products in fp32, an
+  their keys 128 at a time (8-row register blocks): q.k exact bf16 products in fp32, an
   online softmax in fp32, the unnormalised probabilities rounded to bf16 for P x V
   (fp32 sums), one division by the row sum at the end. No score matrix is stored and
-  no masked key is multiplied. D % 32 == 0; needs AVX512-BF16.
+  no key tile past a row block's last visible key is read. D % 32 == 0; needs
+  AVX512-BF16.
+- `write_rows(dst [S, ...] contiguous, slots int64 [n], src [n, ...]) -> ()`: dst[slots[i]]
+  = src[i], one row copy each (src rows contiguous, any row stride; same dtype and row
+  shape); every slot is checked to lie in [0, S) before anything is written (the KV
+  pool writer: `index_copy_` of a few rows costs tens of microseconds per call).
 - `int8_group_mm(x [M, K] float32|bfloat16, qweight int8 [N, K], scales float32
   [N, K / group], group) -> [M, N] in x's dtype`: weight-only int8 with one scale per
   `group` input columns (group a multiple of 16 dividing K), fp32 sums (see
@@ -80,6 +85,7 @@ from swakv.kernels.decode_src import DECODE_SOURCE
 from swakv.kernels.extend_src import EXTEND_SOURCE
 from swakv.kernels.flash_src import FLASH_SOURCE
 from swakv.kernels.quant_src import NORM_SOURCE, QUANT_SOURCE, W8A8_SOURCE
+from swakv.kernels.rows_src import ROWS_SOURCE
 
 # includes and helpers shared by both kernel families; opens the anonymous namespace
 COMMON_SOURCE = r"""
@@ -244,6 +250,7 @@ TORCH_LIBRARY(swakv, m) {
   m.def("rescale_gelu_mul_bf16(Tensor acc, Tensor sx, Tensor sw) -> Tensor");
   m.def("argmax_update_bf16(Tensor x, Tensor(a!) best_value, Tensor(b!) best_index, int offset) -> ()");
   m.def("add_rms_norm_bf16(Tensor h, Tensor y, Tensor wy, Tensor wx, float eps) -> (Tensor, Tensor)");
+  m.def("write_rows(Tensor(a!) dst, Tensor slots, Tensor src) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(swakv, CPU, m) {
@@ -260,6 +267,7 @@ TORCH_LIBRARY_IMPL(swakv, CPU, m) {
   m.impl("quantize_rows_int8", &quantize_rows_int8);
   m.impl("rescale_int32", &rescale_int32);
   m.impl("rescale_gelu_mul_bf16", &rescale_gelu_mul_bf16);
+  m.impl("write_rows", &write_rows);
   m.impl("argmax_update_bf16", &argmax_update_bf16);
   m.impl("add_rms_norm_bf16", &add_rms_norm_bf16);
 }
@@ -270,5 +278,5 @@ TORCH_LIBRARY_IMPL(swakv, CompositeExplicitAutograd, m) {
 """
 
 SOURCE = "\n".join((COMMON_SOURCE, DECODE_SOURCE, EXTEND_SOURCE, FLASH_SOURCE, QUANT_SOURCE,
-                    W8A8_SOURCE, NORM_SOURCE, ARGMAX_SOURCE,
+                    W8A8_SOURCE, NORM_SOURCE, ARGMAX_SOURCE, ROWS_SOURCE,
                     REGISTRATION_SOURCE))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from swakv.config import KVLayout
+from swakv.kernels.cpu_build import cpu_kernels_available
 from swakv.memory.allocator.swa import SWAAllocator
 from swakv.memory.host_memory import zeroed_tensor
 
@@ -53,6 +54,8 @@ class KVPool:
         self.layer_index = layout.index_in_pool  # global layer -> index in its pool
         self.full_k, self.full_v = self._make(False, allocator.num_full_slots)
         self.swa_k, self.swa_v = self._make(True, allocator.num_swa_slots)
+        # CPU pools write rows with swakv.write_rows (index_copy_ elsewhere / without it)
+        self._row_writer = self.device.type == "cpu" and cpu_kernels_available()
 
     def _make(self, sliding: bool, num_slots: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-layer K and V, all zeros (gathers of unmapped positions read the padding
@@ -76,8 +79,11 @@ class KVPool:
     def write(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k, v ([n, kv_heads, head_dim]) at pool slots (already translated)."""
         kb, vb = self.buffers(layer_id)
-        kb.index_copy_(0, slots, k.to(kb.dtype))
-        vb.index_copy_(0, slots, v.to(vb.dtype))
+        for buf, rows in ((kb, k.to(kb.dtype)), (vb, v.to(vb.dtype))):
+            if self._row_writer and slots.device.type == "cpu" and rows[:1].is_contiguous():
+                torch.ops.swakv.write_rows(buf, slots, rows)  # one memcpy per row
+            else:
+                buf.index_copy_(0, slots, rows)
 
     def check_integrity(self) -> None:
         """Every layer has K and V of its kind's shape, sized to its pool's slots."""

@@ -182,3 +182,48 @@ def test_check_integrity_catches_a_resized_layer() -> None:
     pool.swa_k[0] = pool.swa_k[0][:-1]
     with pytest.raises(AssertionError):
         pool.check_integrity()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_rows_is_index_copy_and_checks_before_writing(dtype: torch.dtype) -> None:
+    """`swakv.write_rows` (the CPU pool writer) puts each row where index_copy_ does, from
+    strided rows too, and refuses a slot outside the pool, a dtype or a row shape that
+    differs, or rows that are not contiguous, leaving the pool untouched."""
+    from swakv.kernels.cpu_build import cpu_kernels_available
+
+    assert cpu_kernels_available(), "the C++ kernels must build on this machine"
+    gen = torch.Generator().manual_seed(5)
+    dst = torch.randn(50, 2, 8, generator=gen).to(dtype)
+    fused = torch.randn(6, 40, generator=gen).to(dtype)
+    src = fused[:, 8:24].view(6, 2, 8)  # rows 40 elements apart, each row contiguous
+    slots = torch.tensor([3, 49, 0, 17, 18, 4])
+    want = dst.clone().index_copy_(0, slots, src)
+    torch.ops.swakv.write_rows(dst, slots, src)
+    assert torch.equal(dst, want)
+    before = dst.clone()
+    bad = [((dst, torch.tensor([1, 50]), src[:2]), "outside"),
+           ((dst, torch.tensor([-1]), src[:1]), "outside"),
+           ((dst, torch.tensor([1]), src[:1].double()), "one dtype"),
+           ((dst, torch.tensor([1]), src[:1, :1]), "row shape"),
+           ((dst, torch.tensor([1, 2]), src.transpose(1, 2).contiguous().transpose(1, 2)[:2]),
+            "rows contiguous")]
+    for args, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.swakv.write_rows(*args)
+        assert torch.equal(dst, before)
+
+
+def test_pool_write_matches_index_copy_path() -> None:
+    """KVPool.write through the row writer and through index_copy_ fill the same bytes."""
+    gen = torch.Generator().manual_seed(6)
+    pools = [make_pool(4, 8, torch.bfloat16)[0] for _ in range(2)]
+    assert pools[0]._row_writer
+    pools[1]._row_writer = False
+    slots = torch.randperm(60, generator=gen)[:11] + 4
+    for layer in range(3):
+        h, d = shape(layer)
+        kv = torch.randn(11, 2 * h, d, generator=gen).bfloat16()
+        for pool in pools:
+            pool.write(layer, slots, kv[:, :h], kv[:, h:])
+    for a, b in zip(pools[0].buffers(2) + pools[0].buffers(0), pools[1].buffers(2) + pools[1].buffers(0)):
+        assert torch.equal(a, b)
