@@ -63,11 +63,6 @@ static inline float row_dot(const c10::BFloat16* qraw, const float* qf, const c1
 }
 
 #if defined(__AVX512F__)
-// Lanes j < n of 16-lane step j0: the mask of a (possibly partial) last step.
-static inline __mmask16 tail_mask(int64_t j0, int64_t n) {
-  return n - j0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j0)) - 1u);
-}
-
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));

@@ -206,6 +206,19 @@ static inline float softcap_of(float s, float softcap) {
 }
 
 #if defined(__AVX512F__)
+// Lanes j < n of 16-lane step j0: the mask of a (possibly partial) last step.
+static inline __mmask16 tail_mask(int64_t j0, int64_t n) {
+  return n - j0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j0)) - 1u);
+}
+
+// round_bf16 on 16 lanes (round to nearest even, finite inputs), still as fp32 values
+static inline __m512 round_bf16_512(__m512 f) {
+  const __m512i b = _mm512_castps_si512(f);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 // exp(x) for x <= 0 lane-wise: exp_nonpos's polynomial on 16 lanes.
 static inline __m512 exp512_nonpos(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));

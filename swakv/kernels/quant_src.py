@@ -306,7 +306,30 @@ at::Tensor rms_norm_rope_bf16(const at::Tensor& x, const at::Tensor& weight, dou
 
 // g[j] <- bf16(gelu_tanh(g[j])) * u[j] in fp32 for j < n (the caller rounds the product):
 // F.gelu's bf16 rounding of its output, then the product; 0.5 (1 + tanh y) = sigmoid(2 y).
+#if defined(__AVX512F__)
+// bf16(gelu_tanh(x)) * u on 16 lanes: gelu_tanh_mul_row's arithmetic, operation for
+// operation (the same exp polynomial and one division), so the results are identical.
+static inline __m512 gelu_tanh_mul_512(__m512 x, __m512 u) {
+  const __m512 y = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x),
+                                                 _mm512_mul_ps(x, x), x));
+  const __m512 e = exp512_nonpos(_mm512_mul_ps(_mm512_set1_ps(-2.0f), _mm512_abs_ps(y)));
+  const __mmask16 pos = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __m512 gelu = _mm512_div_ps(_mm512_mask_blend_ps(pos, _mm512_mul_ps(x, e), x),
+                                    _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  return _mm512_mul_ps(round_bf16_512(gelu), u);
+}
+#endif
+
 static inline void gelu_tanh_mul_row(float* g, const float* u, int64_t n) {
+#if defined(__AVX512F__)
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail_mask(j, n);
+    _mm512_mask_storeu_ps(g + j, k, gelu_tanh_mul_512(_mm512_maskz_loadu_ps(k, g + j),
+                                                      _mm512_maskz_loadu_ps(k, u + j)));
+  }
+  return;
+#endif
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float x = g[j];
@@ -364,6 +387,21 @@ at::Tensor rescale_gelu_mul_bf16(const at::Tensor& acc, const at::Tensor& sx,
     for (int64_t m = begin; m < end; ++m) {
       const int32_t* ar = ad + m * 2 * I;
       const float s = xs[m];
+#if defined(__AVX512F__)
+      const __m512 sv = _mm512_set1_ps(s);
+      for (int64_t j = 0; j < I; j += 16) {  // rescale, GELU and product in registers
+        const __mmask16 k = tail_mask(j, I);
+        const __m512 gj = round_bf16_512(_mm512_mul_ps(
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, ar + j)), sv),
+            _mm512_maskz_loadu_ps(k, ws + j)));
+        const __m512 uj = round_bf16_512(_mm512_mul_ps(
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, ar + I + j)), sv),
+            _mm512_maskz_loadu_ps(k, ws + I + j)));
+        _mm512_mask_storeu_ps(g.data() + j, k, gelu_tanh_mul_512(gj, uj));
+      }
+      store_row(g.data(), od + m * I, I);
+      continue;
+#endif
 #pragma omp simd
       for (int64_t j = 0; j < I; ++j) {
         g[j] = round_bf16((static_cast<float>(ar[j]) * s) * ws[j]);
