@@ -194,7 +194,13 @@ def _d(*steps: tuple[int, str]) -> Dispatch:
 # it is 30-40% faster there from 96 rows: down's input, GELU(gate) * up, has outlier
 # channels that per-token int8 rounds worst (bench/quant_quality.py subset, KL over
 # bf16 with only that role on w8a8: down +0.014, qkv +0.007, gate_up +0.006, o +0.001)
-# (~20 ms of a ~330 ms 1,024-token prefill chunk).
+# (~20 ms of a ~330 ms 1,024-token prefill chunk). Measured and not taken (large path,
+# bf16, the mode otherwise as shipped at 95.31% / 0.0129): down on w8a8 93.85% / 0.0229;
+# with SmoothQuant-style smoothing folded into up's rows and down's columns (per-channel
+# maxima from 8 calibration texts outside the quality prompts) alpha 0.5 93.95% / 0.018,
+# 0.8 94.68% / 0.021; keeping the 32 (128) calibration-largest input channels in bf16
+# 94.58% (94.48%) / 0.016; with down's weights left exact, activations alone cost it
+# 94.09% (none in bf16) and 95.02% (32 in bf16).
 # Output rows per prepacked tile of the LM head's dense kernel (see DenseKernel). ms
 # per call, [262,144 x 640] bf16, median of 10, outputs written into a reused buffer:
 #   tile rows     M=1    M=4    M=16   M=64      (whole, fresh output: 7.01 7.10 9.87 32.3)
