@@ -347,16 +347,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp
             s[g * kChunk + j] = softcap_of(row_dot(qrows + g * D, &qf[g * D], krow, kf.data(), D) * scale, softcap);
         }
         for (int64_t g = 0; g < G; ++g) {
-          float* sg = &s[g * kChunk];
-          float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-          for (int64_t j = 0; j < n; ++j) m = sg[j] > m ? sg[j] : m;
-          float l = 0.0f;
-#pragma omp simd reduction(+ : l)
-          for (int64_t j = 0; j < n; ++j) {
-            sg[j] = exp_nonpos(sg[j] - m);
-            l += sg[j];
-          }
+          const auto [m, l] = exp_minus_max(&s[g * kChunk], n);
           part[g * stride] = m;
           part[g * stride + 1] = l;
         }

@@ -29,15 +29,7 @@ void softmax_impl(const at::Tensor& scores, at::Tensor& out, int64_t group,
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) x[j] *= scale;
       }
-      float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-      float l = 0.0f;
-#pragma omp simd reduction(+ : l)
-      for (int64_t j = 0; j < n; ++j) {
-        x[j] = exp_nonpos(x[j] - m);
-        l += x[j];
-      }
+      const float l = exp_minus_max(x.data(), n).second;
       std::fill(row, row + lo, zero);
       store_row_scaled(x.data(), 1.0f / l, row + lo, n);
       std::fill(row + hi, row + N, zero);

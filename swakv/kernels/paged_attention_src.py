@@ -102,6 +102,7 @@ COMMON_SOURCE = r"""
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -203,6 +204,21 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 
 static inline float softcap_of(float s, float softcap) {
   return softcap > 0.0f ? std::tanh(s / softcap) * softcap : s;
+}
+
+// x[j] <- exp(x[j] - m) for j < n, m = max_j x[j] (n >= 1); returns {m, sum of the new x}:
+// the unnormalised softmax of one row, as the scalar kernels compute it.
+static inline std::pair<float, float> exp_minus_max(float* x, int64_t n) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  float l = 0.0f;
+#pragma omp simd reduction(+ : l)
+  for (int64_t j = 0; j < n; ++j) {
+    x[j] = exp_nonpos(x[j] - m);
+    l += x[j];
+  }
+  return {m, l};
 }
 
 #if defined(__AVX512F__)
