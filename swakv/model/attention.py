@@ -451,8 +451,8 @@ def _flash_fits(dim: int) -> bool:
 def _flash_extend(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, item: ExtendItem,
                   group: int, scale: float, softcap: float | None, out: torch.Tensor) -> None:
     """bf16: each KV head's queries of the whole item in one fused kernel (QK, online
-    softmax and P x V per 8 stacked query rows x 32 keys, no score matrix); each query
-    reads only the keys it sees, so the item's blocks are not needed."""
+    softmax and P x V per 8 stacked query rows, 128 keys a step, no score matrix); each
+    query reads only the keys it sees, so the item's blocks are not needed."""
     first, last = item.blocks[0], item.blocks[-1]
     n, dim = last.tok_hi - first.tok_lo, q.shape[2]
     window = first.window or 0
