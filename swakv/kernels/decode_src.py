@@ -327,7 +327,6 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp
         continue;
       }
       const T* qrows = qd + (b * H + h * G) * D;  // G consecutive heads share KV head h
-      for (int64_t g = 0; g < G; ++g) load_row(qrows + g * D, &qf[g * D], D);
       float* part = &partial[(c * KVH + h) * G * stride];
       bool vector_done = false;  // the G = 4 bf16 path: raw dots, then softmax_chunk
 #if defined(__AVX512BF16__)
@@ -340,6 +339,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& kp, const at::Tensor& vp
       }
 #endif
       if (!vector_done) {
+        for (int64_t g = 0; g < G; ++g) load_row(qrows + g * D, &qf[g * D], D);
         for (int64_t j = 0; j < n; ++j) {
           if (j + kPrefetch < n) prefetch_row(kd + (slots[j + kPrefetch] * KVH + h) * D, D);
           const T* krow = kd + (slots[j] * KVH + h) * D;

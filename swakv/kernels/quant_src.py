@@ -304,11 +304,9 @@ at::Tensor rms_norm_rope_bf16(const at::Tensor& x, const at::Tensor& weight, dou
   return out;
 }
 
-// g[j] <- bf16(gelu_tanh(g[j])) * u[j] in fp32 for j < n (the caller rounds the product):
-// F.gelu's bf16 rounding of its output, then the product; 0.5 (1 + tanh y) = sigmoid(2 y).
 #if defined(__AVX512F__)
-// bf16(gelu_tanh(x)) * u on 16 lanes: gelu_tanh_mul_row's arithmetic, operation for
-// operation (the same exp polynomial and one division), so the results are identical.
+// bf16(gelu_tanh(x)) * u on 16 lanes: the scalar loop's formula (the same exp polynomial,
+// one division), with explicit fused multiply-adds where the compiler may contract.
 static inline __m512 gelu_tanh_mul_512(__m512 x, __m512 u) {
   const __m512 y = _mm512_mul_ps(_mm512_set1_ps(0.7978845608028654f),
                                  _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(0.044715f), x),
@@ -321,6 +319,8 @@ static inline __m512 gelu_tanh_mul_512(__m512 x, __m512 u) {
 }
 #endif
 
+// g[j] <- bf16(gelu_tanh(g[j])) * u[j] in fp32 for j < n (the caller rounds the product):
+// F.gelu's bf16 rounding of its output, then the product; 0.5 (1 + tanh y) = sigmoid(2 y).
 static inline void gelu_tanh_mul_row(float* g, const float* u, int64_t n) {
 #if defined(__AVX512F__)
   for (int64_t j = 0; j < n; j += 16) {
@@ -328,8 +328,7 @@ static inline void gelu_tanh_mul_row(float* g, const float* u, int64_t n) {
     _mm512_mask_storeu_ps(g + j, k, gelu_tanh_mul_512(_mm512_maskz_loadu_ps(k, g + j),
                                                       _mm512_maskz_loadu_ps(k, u + j)));
   }
-  return;
-#endif
+#else
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float x = g[j];
@@ -340,6 +339,7 @@ static inline void gelu_tanh_mul_row(float* g, const float* u, int64_t n) {
     const float gelu = (y >= 0.0f ? x : x * e) / (1.0f + e);
     g[j] = round_bf16(gelu) * u[j];
   }
+#endif
 }
 
 // out[t, j] = bf16(bf16(gelu_tanh(g)) * u), g = gate_up[t, j], u = gate_up[t, I + j]: the
@@ -399,15 +399,14 @@ at::Tensor rescale_gelu_mul_bf16(const at::Tensor& acc, const at::Tensor& sx,
             _mm512_maskz_loadu_ps(k, ws + I + j)));
         _mm512_mask_storeu_ps(g.data() + j, k, gelu_tanh_mul_512(gj, uj));
       }
-      store_row(g.data(), od + m * I, I);
-      continue;
-#endif
+#else
 #pragma omp simd
       for (int64_t j = 0; j < I; ++j) {
         g[j] = round_bf16((static_cast<float>(ar[j]) * s) * ws[j]);
         u[j] = round_bf16((static_cast<float>(ar[I + j]) * s) * ws[I + j]);
       }
       gelu_tanh_mul_row(g.data(), u.data(), I);
+#endif
       store_row(g.data(), od + m * I, I);
     }
   });

@@ -303,12 +303,19 @@ def test_logit_rows_pick_items_and_empty_rows_skip_the_lm_head(
     the KV of a chunk without running the LM head, and the next chunk still matches."""
     w, vocab = tiny.window, tiny.spec.vocab_size
     h = Harness(tiny, page=4)
+    free_at_start = (h.alloc.full_available(), h.alloc.swa_available())
+
+    def check() -> None:
+        h.alloc.check_integrity()
+        h.pool.check_integrity()
+
     seqs = [_random_ids(3 * w, vocab, seed=40 + i) for i in range(3)]
     refs = [tiny.ref_logits(s) for s in seqs]
     rows = [h.new_row() for _ in seqs]
     lens = [5, w + 2, 2 * w - 1]
     out = h.runner.forward([h.extend_item(r, s[:n]) for r, s, n in zip(rows, seqs, lens)],
                            logit_rows=[2, 0])
+    check()
     assert out.last_logits is not None and out.last_logits.shape[0] == 2
     _assert_close(out.last_logits[0], refs[2][lens[2] - 1])
     _assert_close(out.last_logits[1], refs[0][lens[0] - 1])
@@ -319,12 +326,19 @@ def test_logit_rows_pick_items_and_empty_rows_skip_the_lm_head(
     monkeypatch.setattr(tiny.model, "greedy_tokens", lambda *a, **k: heads.append(1) or real_greedy(*a, **k))
     chunk = [h.extend_item(r, s[n : n + 3]) for r, s, n in zip(rows, seqs, lens)]
     skipped = h.runner.forward(chunk, logit_rows=())
+    check()
     greedy = h.runner.forward([h.extend_item(r, s[n + 3 : n + 5]) for r, s, n in zip(rows, seqs, lens)],
                               greedy_rows=())
+    check()
     assert skipped.last_logits is None and skipped.all_logits is None
     assert greedy.greedy_token_ids is not None and greedy.greedy_token_ids.numel() == 0
     assert heads == []  # neither call ran the LM head
     out = h.runner.forward([h.extend_item(r, s[n + 5 : n + 7]) for r, s, n in zip(rows, seqs, lens)],
                            logit_rows=[1])
+    check()
     assert heads == [1]
     _assert_close(out.last_logits[0], refs[1][lens[1] + 6])
+    for r in rows:  # no frontier moved: each row's full slots free its SWA too
+        h.alloc.free(h.table.read(r, 0, h.lens[r]))
+    check()
+    assert (h.alloc.full_available(), h.alloc.swa_available()) == free_at_start
