@@ -6,14 +6,24 @@ count M, the fastest of repeated calls of each kernel on random weights (speed d
 not depend on the values) and bf16 activations:
 
     dense     oneDNN prepacked bf16 (the `none` path)
-    int8      aten._weight_int8pack_mm (weight-only int8)
+    int8      aten._weight_int8pack_mm (weight-only int8, per output channel)
+    int8k     swakv.int8_group_mm on the same per-channel weights (one group of K)
+    int8g     swakv.int8_group_mm on grouped int8 weights (groups of 32)
     int4-G    aten._weight_int4pack_mm_for_cpu, group size G
     w8a8      per-token int8 activation quantization + torch._int_mm + rescale
 
 and, per mode, the smallest M from which the large-batch kernel is faster at this M
 and every larger one measured (the crossover).
 
+By default one weight per shape is called repeatedly, so weights that fit in the
+caches are timed hot. `--cold` times what a decode step sees instead: one weight per
+layer of the model, called in turn after a 64 MiB write that evicts them, the time
+per call being the pass's over the number of layers (the LM head, larger than the
+caches, is timed as by default).
+
     flock /tmp/swakv-cpu.lock .venv/bin/python bench/quant_kernels.py --threads 2
+    .venv/bin/python bench/quant_kernels.py --cold --rows 1,2,3,4,6,8 --groups "" \
+        --shapes qkv,o,gate_up,down --out bench/results/quant_kernels_cold.json
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,12 +71,30 @@ def time_call(fn: Callable[[], object], min_time: float) -> float:
     return min(times)
 
 
+def time_cold(calls: list[Callable[[], object]], flush: torch.Tensor, min_time: float) -> float:
+    """Fastest seconds per call of a pass over `calls` in turn, `flush` overwritten
+    before each pass (evicting their weights) and not timed; as `time_call` otherwise."""
+    times: list[float] = []
+    start = time.perf_counter()
+    for i in range(202):
+        flush.fill_(1.0)
+        t0 = time.perf_counter()
+        for call in calls:
+            call()
+        if i >= 2:
+            times.append((time.perf_counter() - t0) / len(calls))
+            if len(times) >= 5 and time.perf_counter() - start >= min_time:
+                break
+    return min(times)
+
+
 def kernels(w: torch.Tensor, groups: tuple[int, ...]) -> dict[str, Callable]:
     dtype = torch.bfloat16
     i8 = Int8Weights.quantize(w)
     out: dict[str, Callable] = {
         "dense": DenseKernel(w, dtype),
         "int8": Int8WeightOnlyKernel(i8, dtype),
+        "int8k": Int8GroupKernel(i8.as_groups(dtype), dtype),
         "int8g": Int8GroupKernel(Int8GroupWeights.quantize(w), dtype),
         "w8a8": W8A8Kernel(i8, dtype),
     }
@@ -93,6 +122,8 @@ def main() -> None:
     ap.add_argument("--groups", default="32,64,128", help="int4 group sizes to time")
     ap.add_argument("--shapes", default="qkv,o,gate_up,down,lm_head")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
+    ap.add_argument("--cold", action="store_true",
+                    help="one weight per layer, evicted before each pass (decode's case)")
     ap.add_argument("--out", default="bench/results/quant_kernels.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -112,18 +143,25 @@ def main() -> None:
     rows = tuple(int(m) for m in args.rows.split(","))
     groups = tuple(int(g) for g in args.groups.split(",") if g)
     gen = torch.Generator().manual_seed(0)
+    flush = torch.empty(16 * 1024 * 1024)  # 64 MiB, twice the largest L3 here
     results: dict[str, dict] = {}
     with torch.inference_mode():
         for name, (n, k) in shapes.items():
-            w = torch.randn(n, k, generator=gen) * 0.02
-            ks = kernels(w, groups)
+            copies = spec.num_layers if args.cold and name != "lm_head" else 1
+            layer_ks = [kernels(torch.randn(n, k, generator=gen) * 0.02, groups)
+                        for _ in range(copies)]
             times: dict[int, dict[str, float]] = {}
             for m in rows:
                 if name == "lm_head" and m > HEAD_MAX_ROWS:
                     break
                 x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-                times[m] = {kn: time_call(lambda f=f, x=x: f(x), args.min_time)
-                            for kn, f in ks.items()}
+                if copies == 1:
+                    times[m] = {kn: time_call(lambda f=f, x=x: f(x), args.min_time)
+                                for kn, f in layer_ks[0].items()}
+                else:
+                    times[m] = {kn: time_cold([partial(ks[kn], x) for ks in layer_ks], flush,
+                                              args.min_time)
+                                for kn in layer_ks[0]}
                 cells = "  ".join(f"{kn} {1e3 * t:8.3f}" for kn, t in times[m].items())
                 print(f"{name:8} N={n:6} K={k:5} M={m:5}  {cells}  (ms)", flush=True)
             cross = {
@@ -140,7 +178,8 @@ def main() -> None:
                              "crossover": cross}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": args.threads, "shapes": results}, indent=2))
+    out.write_text(json.dumps({"threads": args.threads, "cold": args.cold, "shapes": results},
+                              indent=2))
     print(f"wrote {out}")
 
 

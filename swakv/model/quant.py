@@ -207,12 +207,29 @@ def _d(*steps: tuple[int, str]) -> Dispatch:
 #   16,384        7.21   7.12   9.94   25.5
 #   65,536        7.19   7.04   9.94   25.6
 LM_HEAD_TILE_ROWS = 16384
+# The timings above are hot: one weight called again and again, from cache. A decode
+# step reads each layer's weights once (the default model's layers hold ~100 MB in
+# int8, three times the L3 here), so the switches below a handful of rows follow the
+# cold timings (`bench/quant_kernels.py --cold --rows 1,2,3,4,6,8 --groups ""`: one
+# weight per layer, evicted before each pass), ms per call at M = 1 / 2 / 3 / 4 / 6:
+#   qkv      dense .048/.049/.043/.044/.048  int8 .032/.031/.033/.034/.065
+#            int8k .024/.025/.034/.038/.048  int8g .026/.027/.031/.035/.053
+#   o        dense .029/.031/.034/.035/.037  int8 .021/.021/.023/.024/.041
+#            int8k .020/.022/.026/.030/.048  int8g .019/.020/.023/.027/.052
+#   gate_up  dense .079/.089/.093/.094/.105  int8 .078/.076/.083/.086/.172
+#            int8k .056/.065/.094/.089/.175  int8g .060/.073/.097/.082/.179
+#   down     dense .044/.047/.050/.052/.054  int8g .033/.041/.051/.090/.134
+# (int8k: swakv.int8_group_mm on the per-channel weights as one group of K,
+# `Int8Weights.as_groups`). swakv's kernel streams cold weights faster than aten's at
+# one or two rows. A w8a8 decode step of one sequence (`bench/profile_step.py
+# --quantization w8a8 --only decode1`, old / new code alternating, two runs each):
+# matmuls 4.44 / 4.33 -> 3.39 / 3.53 ms, the step 11.2 / 10.9 -> 10.0 / 10.0 ms.
 
 DISPATCH: dict[Quantization, dict[str, Dispatch]] = {
-    Quantization.INT8: {  # int8g switches from the M = 1/2/4/8 timings above
-        "qkv": _d((1, "int8g"), (3, "dense")),
-        "o": _d((1, "int8g"), (3, "dense")),
-        "gate_up": _d((1, "int8g"), (2, "dense")),
+    Quantization.INT8: {  # the layers' switches from the cold timings above
+        "qkv": _d((1, "int8g"), (6, "dense")),
+        "o": _d((1, "int8g"), (6, "dense")),
+        "gate_up": _d((1, "int8g"), (6, "dense")),
         "down": _d((1, "int8g"), (3, "dense")),
         "lm_head": _d((1, "int8g"), (5, "dense")),
     },
@@ -224,9 +241,10 @@ DISPATCH: dict[Quantization, dict[str, Dispatch]] = {
         "lm_head": _d((1, "int4"), (8, "dense")),
     },
     Quantization.W8A8: {
-        "qkv": _d((1, "int8"), (4, "dense"), (16, "w8a8")),
-        "o": _d((1, "int8"), (8, "dense"), (32, "w8a8")),
-        "gate_up": _d((1, "int8"), (4, "dense"), (16, "w8a8")),
+        # "int8g" here runs on the per-channel weights (int8k in the cold timings)
+        "qkv": _d((1, "int8g"), (3, "int8"), (6, "dense"), (16, "w8a8")),
+        "o": _d((1, "int8g"), (3, "int8"), (6, "dense"), (32, "w8a8")),
+        "gate_up": _d((1, "int8g"), (3, "int8"), (6, "dense"), (16, "w8a8")),
         "down": _d((1, "int8g"), (3, "dense")),  # see below: w8a8 costs most there
         "lm_head": _d((1, "int8g"), (5, "dense")),
     },
@@ -351,7 +369,9 @@ def make_quant_linear(mode: Quantization, role: str, packed: PackedWeights,
     makers: dict[str, Callable[[], Kernel]] = {
         "dense": lambda: DenseKernel(packed.dequantize(dtype), dtype, prepack, _tile_rows(role)),
         "int8": lambda: Int8WeightOnlyKernel(packed, dtype),  # type: ignore[arg-type]
-        "int8g": lambda: Int8GroupKernel(packed, dtype),  # type: ignore[arg-type]
+        "int8g": lambda: Int8GroupKernel(  # per-channel weights as one group per row
+            packed.as_groups(dtype) if isinstance(packed, Int8Weights) else packed,  # type: ignore[arg-type]
+            dtype),
         "int4": lambda: Int4WeightOnlyKernel(packed, dtype),  # type: ignore[arg-type]
         "w8a8": lambda: W8A8Kernel(packed, dtype, workspace),  # type: ignore[arg-type]
     }

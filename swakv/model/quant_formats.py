@@ -52,6 +52,16 @@ class Int8Weights:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"qweight": self.qweight, "scales": self.scales}
 
+    def as_groups(self, dtype: torch.dtype) -> Int8GroupWeights:
+        """The same effective weights as one group of K per row (scales rounded to
+        `dtype` as `dequantize` rounds them), for the grouped int8 kernel; shares
+        qweight. Needs K a multiple of 16 (the kernel's step)."""
+        k = self.qweight.shape[1]
+        if k % 16:
+            raise ValueError(f"in_features {k} is not a multiple of 16")
+        scales = self.scales.to(dtype).float().reshape(-1, 1).contiguous()
+        return Int8GroupWeights(self.qweight, scales, k)
+
 
 @dataclass(frozen=True)
 class Int8GroupWeights:

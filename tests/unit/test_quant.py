@@ -196,6 +196,7 @@ def test_weight_only_kernels_match_dequantized_reference(dtype: torch.dtype, row
     for kernel, ref_w in [
         (Int8WeightOnlyKernel(i8, dtype), i8.dequantize(dtype)),
         (Int8GroupKernel(g8, dtype), g8.dequantize(torch.float32)),
+        (Int8GroupKernel(i8.as_groups(dtype), dtype), i8.dequantize(dtype)),
         (Int4WeightOnlyKernel(i4, dtype), i4.dequantize(dtype)),
         (DenseKernel(i8.dequantize(dtype), dtype), i8.dequantize(dtype)),
     ]:
@@ -203,6 +204,20 @@ def test_weight_only_kernels_match_dequantized_reference(dtype: torch.dtype, row
         ref = _reference(x, ref_w)
         assert y.dtype == dtype and y.shape == (rows, 96)
         assert (y.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_channel_int8_as_groups_holds_the_same_weights(dtype: torch.dtype) -> None:
+    """One group of K per row, scales rounded to the model dtype as `dequantize` rounds
+    them: the grouped kernel then computes with exactly the per-channel effective
+    weights, and shares their int8 values."""
+    i8 = Int8Weights.quantize(_rand(48, 160, seed=30, scale=0.05))
+    g = i8.as_groups(dtype)
+    assert g.group_size == 160 and g.scales.shape == (48, 1) and g.scales.dtype == torch.float32
+    assert g.qweight.data_ptr() == i8.qweight.data_ptr()
+    assert torch.equal(g.dequantize(dtype), i8.dequantize(dtype))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Int8Weights.quantize(_rand(4, 40)).as_groups(dtype)
 
 
 @pytest.mark.parametrize("offset", [1, 8, 16, 32])
