@@ -292,7 +292,8 @@ class EngineConfig:
         "weight quantization: none (dtype weights; float32 is the exact reference), int8 "
         "(weight-only, groups of 32; with --dtype float32 the closest to the reference), "
         "int4 (weight-only, groups of 32) or w8a8 (int8 weights per channel, int8 "
-        "per-token activations for large batches); quantized modes are NOT exact and pick "
+        "per-token activations for large batches, q/k/v and gate/up inputs smoothed); "
+        "quantized modes are NOT exact and pick "
         "the fastest kernel per batch size",
         default="none",
     )

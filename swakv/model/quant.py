@@ -16,7 +16,10 @@ activations, vLLM's and SGLang's name for that scheme):
           quantized per token on the fly (x ~ qx * sx, sx = max|x_row| / 127), int32
           accumulation, for the roles whose large batches run that kernel
           (torch._int_mm cannot apply per-group weight scales); the other roles
-          (down, LM head) hold int8's grouped weights (`weight_format`)
+          (down, LM head) hold int8's grouped weights (`weight_format`). qkv's and
+          gate/up's inputs are smoothed first (swakv.model.smoothing: a per-channel
+          factor moved from the activations into the weights, folded into the
+          norm before them; the same function in exact arithmetic)
 
 No quantized mode is exact. In every mode the quantized weights ARE the weights: each
 linear holds one set of effective weights, and the dispatch only picks the kernel
@@ -33,7 +36,8 @@ large-batch path): with float32 activations int8 99.17% / 0.0003 (per output cha
 the earlier format, 96.4% / 0.0036: one scale per 640-wide row cannot follow the
 GGUF's per-32 block scales); with bf16 activations bf16 none 98.0% / 0.0007, int8
 98.2 / 97.8% / 0.0009 (bf16 rounding of the activations is what stops it short of
-99%), w8a8 97.7 / 95.3% / 0.002 / 0.013, int4 85.3% / 0.16. The default model's
+99%), w8a8 97.8 / 97.3% / 0.002 / 0.004 (unsmoothed 97.4-97.8 / 94.9-95.3%, KL 0.013),
+int4 85.3% / 0.16. The default model's
 weights are already 4-8-bit GGUF values (q/k/v and gate/up Q5_0, o Q4_K, down Q4_K /
 Q6_K, embedding Q8_0): int4 holds the Q4_K groups exactly (each group's span snapped
 to the source grid: o alone in int4 then costs nothing, it cost 2.9 points with plain

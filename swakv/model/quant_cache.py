@@ -95,10 +95,9 @@ def load_or_quantize(
     path = cache_path(cache, fmt, digest)
     expected = {name: _expected_shapes(weight_format(mode, role_of(name)), w)
                 for name, w in sources.items()}
-    if path.is_file():
-        packed = _read(path, mode, fmt, digest, expected)
-        if packed is not None:
-            return packed
+    packed = _read(path, mode, fmt, digest, expected)
+    if packed is not None:
+        return packed
     packed = _quantize_all(mode, sources)
     _write(path, fmt, digest, packed)
     return packed
@@ -121,34 +120,48 @@ def _expected_shapes(weight_fmt: str, w: torch.Tensor) -> dict[str, tuple[torch.
     return {"qweight": (torch.int8, (n, k)), "scales": (torch.float32, (n,))}
 
 
+def read_tensors(path: Path, meta: Mapping[str, str],
+                 expected: Mapping[str, tuple[torch.dtype, tuple]]
+                 ) -> dict[str, torch.Tensor] | None:
+    """The tensors in the safetensors file `path` when it exists, its metadata holds
+    `meta` (and this module's FORMAT_VERSION) and its tensors are exactly `expected`
+    (name -> dtype, shape); else None (logged unless the file is missing)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = f.metadata() or {}
+            want = {"format_version": FORMAT_VERSION, **meta}
+            if any(found.get(k) != v for k, v in want.items()):
+                log.warning("stale cache file %s (metadata %s); rebuilding", path, found)
+                return None
+            if set(f.keys()) != set(expected):
+                log.warning("cache file %s holds other tensors; rebuilding", path)
+                return None
+            tensors = {k: f.get_tensor(k) for k in expected}
+    except Exception as e:  # SafetensorError, OSError, ValueError: truncated or corrupt
+        log.warning("cannot read cache file %s (%s); rebuilding", path, e)
+        return None
+    for name, (dtype, shape) in expected.items():
+        t = tensors[name]
+        if t.dtype != dtype or tuple(t.shape) != shape:
+            log.warning("cache file %s: %s is %s %s, expected %s %s; rebuilding",
+                        path, name, t.dtype, tuple(t.shape), dtype, shape)
+            return None
+    return tensors
+
+
 def _read(path: Path, mode: Quantization, fmt: str, digest: str,
           expected: Mapping[str, Mapping[str, tuple[torch.dtype, tuple]]]
           ) -> dict[str, PackedWeights] | None:
     """The packed weights in `path`, or None (logged) if it is unreadable or stale."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            want = {"format_version": FORMAT_VERSION, "format": fmt, "digest": digest}
-            if any(meta.get(k) != v for k, v in want.items()):
-                log.warning("stale quantized weights %s (metadata %s); rebuilding", path, meta)
-                return None
-            names = {f"{lin}.{field}" for lin, fields in expected.items() for field in fields}
-            if set(f.keys()) != names:
-                log.warning("quantized weights %s hold other tensors; rebuilding", path)
-                return None
-            tensors = {k: f.get_tensor(k) for k in names}
-    except Exception as e:  # SafetensorError, OSError, ValueError: truncated or corrupt
-        log.warning("cannot read quantized weights %s (%s); rebuilding", path, e)
+    flat = {f"{lin}.{field}": spec for lin, fields in expected.items()
+            for field, spec in fields.items()}
+    tensors = read_tensors(path, {"format": fmt, "digest": digest}, flat)
+    if tensors is None:
         return None
-    for lin, fields in expected.items():
-        for field, (dtype, shape) in fields.items():
-            t = tensors[f"{lin}.{field}"]
-            if t.dtype != dtype or tuple(t.shape) != shape:
-                log.warning("quantized weights %s: %s.%s is %s %s, expected %s %s; rebuilding",
-                            path, lin, field, t.dtype, tuple(t.shape), dtype, shape)
-                return None
     return {lin: _packed(weight_format(mode, role_of(lin)), lin, tensors) for lin in expected}
 
 
@@ -163,26 +176,32 @@ def _packed(weight_fmt: str, lin: str, tensors: Mapping[str, torch.Tensor]) -> P
 
 
 def _write(path: Path, fmt: str, digest: str, packed: Mapping[str, PackedWeights]) -> None:
-    """Write atomically (temporary file in the same directory, then rename).
+    write_tensors(path, {f"{lin}.{field}": t for lin, w in packed.items()
+                         for field, t in w.tensors().items()},
+                  {"format": fmt, "digest": digest})
+
+
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
+                  ) -> None:
+    """Write `tensors` with `meta` (and FORMAT_VERSION) atomically: a temporary file in
+    the same directory, then rename.
 
     A cache that cannot be written (read-only directory, full disk) is logged and
-    skipped: the packed weights are still used from memory.
+    skipped: the caller still uses its tensors from memory.
     """
     from safetensors.torch import save_file
 
-    tensors = {f"{lin}.{field}": t.contiguous() for lin, w in packed.items()
-               for field, t in w.tensors().items()}
-    meta = {"format_version": FORMAT_VERSION, "format": fmt, "digest": digest}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata=meta)
+            save_file({k: t.contiguous() for k, t in tensors.items()}, tmp,
+                      metadata={"format_version": FORMAT_VERSION, **meta})
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as e:
-        log.warning("cannot cache quantized weights at %s: %s", path, e)
+        log.warning("cannot write cache file %s: %s", path, e)

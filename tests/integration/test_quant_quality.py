@@ -4,10 +4,10 @@ A smaller version of bench/quant_quality.py (same code): 6 of its prompts (2 sho
 2 medium, 2 beyond the 512-token window) x 32 teacher-forced tokens of the float32
 greedy continuation; each mode runs with every linear forced to its small-batch
 kernel, then to its large-batch kernel. The bounds sit well below what a correct
-build measured on this set with per-channel int8 (top-1 / mean KL: int8 0.943 /
-0.0053, w8a8 large path 0.912 / 0.0155, int4 0.80 / 0.21; grouped int8 is closer to
-float32 on the full bench: 98.0% / 0.0009) and far above a broken kernel or packing (top-1
-near 0, KL of several nats). Top-1 is the looser of the two: bf16 rounding alone
+build measured on this set (top-1 / mean KL: int8 0.958 / 0.0010 small, 0.969 / 0.0010
+large; w8a8 0.958 / 0.0027 small, 0.953 / 0.0055 large; int4 0.84 / 0.20) and far above
+a broken kernel or packing (top-1 near 0, KL of several nats). w8a8's KL bound also
+catches a build without its smoothing (large path 0.901 / 0.0151 then). Top-1 is the looser of the two: bf16 rounding alone
 already loses 2-4 points of agreement with float32 here, and int4 cannot reach the
 bench's targets on this model, whose weights are already 4-6-bit GGUF values (see
 swakv/model/quant.py). The packed weights go to a temporary SWAKV_CACHE_DIR.
@@ -26,8 +26,8 @@ from swakv.model.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 
-BOUNDS = {"int8": (0.90, 0.02), "int4": (0.70, 0.4), "w8a8": (0.85, 0.05)}  # top-1, KL
-SMALL_KERNELS = {"int8": {"int8g"}, "int4": {"int4"}, "w8a8": {"int8", "int8g"}}
+BOUNDS = {"int8": (0.90, 0.02), "int4": (0.70, 0.4), "w8a8": (0.88, 0.012)}  # top-1, KL
+SMALL_KERNELS = {"int8": {"int8g"}, "int4": {"int4"}, "w8a8": {"int8g"}}
 LARGE_KERNEL = {"int8": "dense", "int4": "dense", "w8a8": "w8a8"}
 NEW_TOKENS = 32
 
@@ -67,4 +67,5 @@ def test_quantized_modes_track_float32(tmp_path: Path, monkeypatch: pytest.Monke
             if s.top1 < min_top1 or s.kl_mean > max_kl:
                 failures.append(f"{mode}/{path}")
     assert not failures, f"out of bounds: {failures}\n{table}"
-    assert len(list((tmp_path / "quant").iterdir())) == 3  # int8-g32, w8a8-g32, int4s-g32
+    # int8-g32, w8a8-g32, int4s-g32 and w8a8's smoothing factors
+    assert len(list((tmp_path / "quant").iterdir())) == 4

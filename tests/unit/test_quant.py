@@ -42,6 +42,7 @@ from swakv.model.quant import (
     weight_format,
 )
 from swakv.model.quant_cache import cache_path, load_or_quantize, packed_format, source_digest
+from swakv.model.smoothing import ALPHA, SMOOTH_VERSION
 from swakv.model.testing import make_tiny_gemma3_dir
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -554,7 +555,7 @@ def test_cache_corrupt_file_is_rebuilt(tmp_path: Path, caplog: pytest.LogCapture
     path.write_bytes(path.read_bytes()[:100])  # truncated
     with caplog.at_level(logging.WARNING, logger="swakv.model"):
         again = load_or_quantize(Quantization.INT8, sources, tmp_path)
-    assert "cannot read quantized weights" in caplog.text
+    assert "cannot read cache file" in caplog.text
     assert _equal(again, fresh)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="swakv.model"):
@@ -651,7 +652,11 @@ def test_model_routes_every_linear_and_keeps_exact_embedding(tiny, mode: str,
     assert model.lm_head is model.linears["lm_head"]
     assert model.layers[1].down is model.linears["layers.1.down"]
     assert torch.equal(model.embed, tiny.weights["model.embed_tokens.weight"].bfloat16())
-    assert len(list((tmp_path / "quant").iterdir())) == 1  # cached outside the model dir
+    names = sorted(p.name for p in (tmp_path / "quant").iterdir())  # outside the model dir
+    # w8a8 also caches its smoothing factors (swakv.model.smoothing)
+    fmt = packed_format(Quantization(mode))
+    assert [n.rsplit("-", 1)[0] for n in names] == (
+        [f"smooth-{SMOOTH_VERSION}-a{ALPHA}", fmt] if mode == "w8a8" else [fmt])
 
 
 def test_model_none_is_dense_and_unchanged(tiny) -> None:
