@@ -7,10 +7,10 @@ kernel, then to its large-batch kernel. The bounds sit well below what a correct
 build measured on this set (top-1 / mean KL: int8 0.958 / 0.0010 small, 0.969 / 0.0010
 large; w8a8 0.958 / 0.0027 small, 0.953 / 0.0055 large; int4 0.84 / 0.20) and far above
 a broken kernel or packing (top-1 near 0, KL of several nats). w8a8's KL bound also
-catches a build without its smoothing (large path 0.901 / 0.0151 then). Top-1 is the looser of the two: bf16 rounding alone
-already loses 2-4 points of agreement with float32 here, and int4 cannot reach the
-bench's targets on this model, whose weights are already 4-6-bit GGUF values (see
-swakv/model/quant.py). The packed weights go to a temporary SWAKV_CACHE_DIR.
+catches a build without its smoothing (large path 0.901 / 0.0151 then). Top-1 is the
+looser of the two: bf16 rounding alone already loses 2-4 points of agreement with
+float32 here, and int4 cannot reach the bench's targets on this model, whose weights
+are already 4-6-bit GGUF values (see swakv/model/quant.py). The packed weights go to a temporary SWAKV_CACHE_DIR.
 """
 
 from __future__ import annotations
