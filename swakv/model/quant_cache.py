@@ -14,7 +14,10 @@ The file holds, per linear name, the plain tensors of its packed weights
 ("<name>.qweight", ...) and metadata {format_version, format, digest}. It is written
 to a temporary file in the same directory and renamed into place, so it exists
 complete or not at all. A file that cannot be read, or whose metadata, tensor names,
-dtypes or shapes do not match, is rebuilt and replaced.
+dtypes or shapes do not match, is rebuilt and replaced. In a directory that holds one
+model's files (`model_owns_cache`), writing a file removes the ones it makes stale:
+the same format for other source weights, and formats this version no longer writes
+(`prune_stale`; w8a8's smoothing factors, `smooth-*`, share the directory and the rule).
 """
 
 from __future__ import annotations
@@ -59,11 +62,49 @@ def quant_cache_dir(model_dir: Path) -> Path:
     """Where packed weights of the model in `model_dir` are cached (see module doc)."""
     from swakv.model.loader import cache_dir
 
-    root = cache_dir().resolve()
-    model_dir = model_dir.resolve()
-    if model_dir.is_relative_to(root):
-        return model_dir / "quant"
-    return root / "quant"
+    if model_owns_cache(model_dir):
+        return model_dir.resolve() / "quant"
+    return cache_dir().resolve() / "quant"
+
+
+def model_owns_cache(model_dir: Path) -> bool:
+    """Whether `quant_cache_dir(model_dir)` holds this model's files only (a model
+    directory under swakv's cache root), so files it no longer reads may be removed."""
+    from swakv.model.loader import cache_dir
+
+    return model_dir.resolve().is_relative_to(cache_dir().resolve())
+
+
+def current_formats() -> set[str]:
+    """The file formats (name prefixes) this version of swakv writes to a cache dir."""
+    from swakv.model.smoothing import SMOOTH_FORMAT
+
+    return {packed_format(m) for m in Quantization if m is not Quantization.NONE} | {
+        SMOOTH_FORMAT}
+
+
+def prune_stale(cache: Path, written: Path) -> list[Path]:
+    """In a directory holding one model's cache files, after `written` was written:
+    remove the other `<format>-<digest>.safetensors` files of its format (made for
+    earlier source weights, e.g. before a change to how w8a8 smooths them) and those
+    of formats this version no longer writes (`current_formats`). Other files are
+    left alone. Returns what was removed; a file that cannot be removed is logged."""
+    fmt = written.name.rsplit("-", 1)[0]
+    keep = current_formats() - {fmt}
+    removed = []
+    for path in cache.glob("*.safetensors"):
+        if path == written or path.name.startswith(".") or "-" not in path.name:
+            continue
+        if path.name.rsplit("-", 1)[0] in keep:
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError as e:
+            log.warning("cannot remove stale cache file %s: %s", path, e)
+    if removed:
+        log.info("removed stale cache files %s", ", ".join(p.name for p in removed))
+    return removed
 
 
 def source_digest(fmt: str, sources: Mapping[str, torch.Tensor]) -> str:
@@ -81,12 +122,15 @@ def cache_path(cache: Path, fmt: str, digest: str) -> Path:
 
 
 def load_or_quantize(
-    mode: Quantization, sources: Mapping[str, torch.Tensor], cache: Path | None
+    mode: Quantization, sources: Mapping[str, torch.Tensor], cache: Path | None,
+    prune: bool = False,
 ) -> dict[str, PackedWeights]:
     """Packed weights of `mode` for every source weight [N, K] (by linear name).
 
     With `cache` (a directory), reads them from the cache file when it is complete and
-    matches the sources, else quantizes and writes the file. Without, quantizes.
+    matches the sources, else quantizes and writes the file, and with `prune` (the
+    directory holds this model's files only) then removes the files it made stale
+    (`prune_stale`). Without `cache`, quantizes.
     """
     if cache is None:
         return _quantize_all(mode, sources)
@@ -99,7 +143,8 @@ def load_or_quantize(
     if packed is not None:
         return packed
     packed = _quantize_all(mode, sources)
-    _write(path, fmt, digest, packed)
+    if _write(path, fmt, digest, packed) and prune:
+        prune_stale(cache, path)
     return packed
 
 
@@ -175,16 +220,16 @@ def _packed(weight_fmt: str, lin: str, tensors: Mapping[str, torch.Tensor]) -> P
     return Int8Weights(tensors[f"{lin}.qweight"], tensors[f"{lin}.scales"])
 
 
-def _write(path: Path, fmt: str, digest: str, packed: Mapping[str, PackedWeights]) -> None:
-    write_tensors(path, {f"{lin}.{field}": t for lin, w in packed.items()
+def _write(path: Path, fmt: str, digest: str, packed: Mapping[str, PackedWeights]) -> bool:
+    return write_tensors(path, {f"{lin}.{field}": t for lin, w in packed.items()
                          for field, t in w.tensors().items()},
                   {"format": fmt, "digest": digest})
 
 
 def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, str]
-                  ) -> None:
+                  ) -> bool:
     """Write `tensors` with `meta` (and FORMAT_VERSION) atomically: a temporary file in
-    the same directory, then rename.
+    the same directory, then rename. Returns whether the file was written.
 
     A cache that cannot be written (read-only directory, full disk) is logged and
     skipped: the caller still uses its tensors from memory.
@@ -205,3 +250,5 @@ def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping
             raise
     except OSError as e:
         log.warning("cannot write cache file %s: %s", path, e)
+        return False
+    return True

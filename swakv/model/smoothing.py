@@ -45,6 +45,7 @@ CALIBRATION_SEQUENCES = 8
 CALIBRATION_TOKENS = 63  # after BOS
 FIRST_CALIBRATION_ID = 3
 SMOOTH_VERSION = "1"
+SMOOTH_FORMAT = f"smooth-{SMOOTH_VERSION}-a{ALPHA}"  # cache file name prefix
 SMOOTHED_ROLES = {  # role -> (its input's norm, the HF weights it reads)
     "qkv": ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     "gate_up": ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
@@ -144,14 +145,17 @@ def compute_factors(spec: ModelSpec, weights: Mapping[str, torch.Tensor]
 
 
 def load_or_compute_factors(spec: ModelSpec, weights: Mapping[str, torch.Tensor],
-                            cache: Path | None) -> dict[str, torch.Tensor]:
+                            cache: Path | None, prune: bool = False
+                            ) -> dict[str, torch.Tensor]:
     """`compute_factors`, read from / written to the cache directory `cache` (None: not
-    cached). A file that is unreadable or does not match is recomputed and replaced."""
+    cached). A file that is unreadable or does not match is recomputed and replaced;
+    with `prune` (the directory holds this model's files only) a new file's stale
+    predecessors are removed (`quant_cache.prune_stale`)."""
     if cache is None:
         return compute_factors(spec, weights)
-    from swakv.model.quant_cache import read_tensors, source_digest, write_tensors
+    from swakv.model.quant_cache import prune_stale, read_tensors, source_digest, write_tensors
 
-    fmt = f"smooth-{SMOOTH_VERSION}-a{ALPHA}"
+    fmt = SMOOTH_FORMAT
     digest = source_digest(fmt, weights)
     path = cache / f"{fmt}-{digest[:16]}.safetensors"
     expected = {f"layers.{i}.{role}": (torch.float32, (spec.hidden_size,))
@@ -159,5 +163,6 @@ def load_or_compute_factors(spec: ModelSpec, weights: Mapping[str, torch.Tensor]
     factors = read_tensors(path, {"format": fmt, "digest": digest}, expected)
     if factors is None:
         factors = compute_factors(spec, weights)
-        write_tensors(path, factors, {"format": fmt, "digest": digest})
+        if write_tensors(path, factors, {"format": fmt, "digest": digest}) and prune:
+            prune_stale(cache, path)
     return factors

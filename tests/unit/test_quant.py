@@ -4,6 +4,7 @@ count, and the on-disk cache of packed weights."""
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,15 @@ from swakv.model.quant import (
     unpack_int4,
     weight_format,
 )
-from swakv.model.quant_cache import cache_path, load_or_quantize, packed_format, source_digest
-from swakv.model.smoothing import ALPHA, SMOOTH_VERSION
+from swakv.model.quant_cache import (
+    cache_path,
+    load_or_quantize,
+    model_owns_cache,
+    packed_format,
+    quant_cache_dir,
+    source_digest,
+)
+from swakv.model.smoothing import ALPHA, SMOOTH_FORMAT, SMOOTH_VERSION
 from swakv.model.testing import make_tiny_gemma3_dir
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -587,6 +595,50 @@ def test_cache_stale_file_is_rebuilt(tmp_path: Path, damage: str,
     assert _equal(again, fresh)
     assert load_file(str(path)).keys() == {f"{k}.{f}" for k in sources for f in ("qweight",
                                                                                  "scales")}
+
+
+def test_prune_removes_only_stale_files(tmp_path: Path) -> None:
+    """Pruning (opt-in) removes the same format's files for other sources and formats
+    no longer written; current formats, other names and temporary files stay."""
+    stale = ["int4-g32-aaaaaaaaaaaaaaaa.safetensors", "int8-0123456789abcdef.safetensors",
+             "int8-g32-ffffffffffffffff.safetensors"]
+    kept = [f"{SMOOTH_FORMAT}-0000000000000000.safetensors",
+            "w8a8-g32-1111111111111111.safetensors", "notes.txt",
+            ".int8-g32-2222222222222222.safetensors.tmp-x"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    sources = _sources()
+    first = cache_path(tmp_path, "int8-g32", source_digest("int8-g32", sources))
+    load_or_quantize(Quantization.INT8, sources, tmp_path)  # prune off: nothing removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(stale + kept + [first.name])
+    changed = dict(sources, lm_head=sources["lm_head"] + 1e-3)
+    load_or_quantize(Quantization.INT8, changed, tmp_path, prune=True)
+    now = cache_path(tmp_path, "int8-g32", source_digest("int8-g32", changed))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + [now.name])
+    assert _equal(load_or_quantize(Quantization.INT8, changed, tmp_path, prune=True),
+                  load_or_quantize(Quantization.INT8, changed, None))
+
+
+def test_model_prunes_only_a_cache_dir_it_owns(tiny, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model under swakv's cache root prunes its own quant dir; one elsewhere writes
+    to the shared dir, which holds other models' files, and removes nothing."""
+    monkeypatch.setenv("SWAKV_CACHE_DIR", str(tmp_path))
+    owned = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny.path, owned)
+    for model_dir in (owned, tiny.path):
+        quant = quant_cache_dir(model_dir)
+        quant.mkdir(parents=True, exist_ok=True)
+        (quant / "w8a8-g32-0000000000000000.safetensors").write_bytes(b"old")
+        Gemma3Model(tiny.spec, tiny.weights, torch.float32, quantization="w8a8",
+                    weights_dir=model_dir)
+    assert model_owns_cache(owned) and not model_owns_cache(tiny.path)
+    assert quant_cache_dir(owned) == owned.resolve() / "quant"
+    owned_names = [p.name for p in quant_cache_dir(owned).iterdir()]
+    shared_names = [p.name for p in quant_cache_dir(tiny.path).iterdir()]
+    assert sorted(n.split("-")[0] for n in owned_names) == ["smooth", "w8a8"]
+    assert "w8a8-g32-0000000000000000.safetensors" in shared_names
+    assert len(shared_names) == 3
 
 
 def test_cache_key_follows_the_source_weights(tmp_path: Path) -> None:
