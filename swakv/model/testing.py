@@ -5,7 +5,8 @@ model small enough for unit tests and saves it in exactly the layout
 `swakv.model.loader.load_model_dir` and `swakv.model.tokenizer.load_tokenizer` read
 (config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
 chat_template.jinja, and generation_config.json only when `generation_config` is
-given). `transformers` is imported inside the functions only.
+given). `transformers` is imported inside the functions only. `prompt_logits` runs one
+prompt through a model on fresh pools.
 """
 
 from __future__ import annotations
@@ -202,3 +203,23 @@ def load_hf_reference(path: str | Path) -> Any:
 def read_config_json(path: str | Path) -> dict[str, Any]:
     """The config.json of a model dir as a dict."""
     return json.loads((Path(path) / "config.json").read_text())
+
+
+def prompt_logits(model: Any, ids: list[int]) -> torch.Tensor:
+    """fp32 [len(ids), vocab]: `model`'s logits at every position of one prompt, run as
+    one forward on fresh pools sized for up to 60 tokens (pages of 4), integrity
+    checked after it."""
+    from swakv.config import KVLayout
+    from swakv.engine.runner import BatchItem, ModelRunner
+    from swakv.memory import KVPool, ReqTable, SWAAllocator
+
+    alloc = SWAAllocator(16, 16, 4)
+    pool = KVPool(KVLayout.from_model(model.spec, model.dtype), alloc)
+    table = ReqTable(1, 64)
+    runner = ModelRunner(model, pool, table, validate=True)
+    row = table.alloc_row()
+    table.write(row, 0, alloc.alloc(len(ids)))
+    out = runner.forward([BatchItem(row, 0, ids)], return_all_logits=True)
+    assert out.all_logits is not None
+    alloc.check_integrity()
+    return out.all_logits[0]

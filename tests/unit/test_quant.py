@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from swakv.config import QUANTIZATION_MODES, EngineConfig, KVLayout
-from swakv.engine.runner import BatchItem, ModelRunner
+from swakv.config import QUANTIZATION_MODES, EngineConfig
 from swakv.kernels.cpu_build import cpu_kernels_available
-from swakv.memory import KVPool, ReqTable, SWAAllocator
 from swakv.model import quant_cache
 from swakv.model.gemma3 import Gemma3Model
 from swakv.model.loader import load_model_dir
@@ -51,7 +49,7 @@ from swakv.model.quant_cache import (
     source_digest,
 )
 from swakv.model.smoothing import ALPHA, SMOOTH_FORMAT, SMOOTH_VERSION
-from swakv.model.testing import make_tiny_gemma3_dir
+from swakv.model.testing import make_tiny_gemma3_dir, prompt_logits
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -678,18 +676,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return load_model_dir(path)
 
 
-def _logits(model: Gemma3Model, dtype: torch.dtype, ids: list[int]) -> torch.Tensor:
-    alloc = SWAAllocator(16, 16, 4)
-    pool = KVPool(KVLayout.from_model(model.spec, dtype), alloc)
-    table = ReqTable(1, 64)
-    runner = ModelRunner(model, pool, table, validate=True)
-    row = table.alloc_row()
-    table.write(row, 0, alloc.alloc(len(ids)))
-    out = runner.forward([BatchItem(row, 0, ids)], return_all_logits=True)
-    assert out.all_logits is not None
-    return out.all_logits[0]
-
-
 @pytest.mark.parametrize("mode", ["int8", "int4", "w8a8"])
 def test_model_routes_every_linear_and_keeps_exact_embedding(tiny, mode: str,
                                                              tmp_path: Path,
@@ -722,7 +708,7 @@ def test_quantized_model_kernels_agree_and_track_fp32(tiny, mode: str) -> None:
     w8a8 adds activation rounding), and all stay near the unquantized model."""
     ids = torch.randint(0, tiny.spec.vocab_size, (24,),
                         generator=torch.Generator().manual_seed(3)).tolist()
-    exact = _logits(Gemma3Model(tiny.spec, tiny.weights, torch.float32), torch.float32, ids)
+    exact = prompt_logits(Gemma3Model(tiny.spec, tiny.weights, torch.float32), ids)
     model = Gemma3Model(tiny.spec, tiny.weights, torch.float32, quantization=mode)
     per_kernel = {}
     plans = {lin: lin.dispatch.steps for lin in model.linears.values()}
@@ -731,7 +717,7 @@ def test_quantized_model_kernels_agree_and_track_fp32(tiny, mode: str) -> None:
     for path, pick in paths.items():
         for lin, steps in plans.items():
             lin.dispatch = Dispatch(((1, pick(steps)),))
-        per_kernel[path] = _logits(model, torch.float32, ids)
+        per_kernel[path] = prompt_logits(model, ids)
     uses_w8a8 = any(steps[-1][1] == "w8a8" for steps in plans.values())
     scale = exact.abs().max().item()
     for name, logits in per_kernel.items():

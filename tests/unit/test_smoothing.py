@@ -12,9 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swakv.config import KVLayout
-from swakv.engine.runner import BatchItem, ModelRunner
-from swakv.memory import KVPool, ReqTable, SWAAllocator
 from swakv.model import smoothing
 from swakv.model.gemma3 import Gemma3Model
 from swakv.model.loader import load_model_dir
@@ -27,7 +24,7 @@ from swakv.model.smoothing import (
     load_or_compute_factors,
     smooth_weights,
 )
-from swakv.model.testing import make_tiny_gemma3_dir
+from swakv.model.testing import make_tiny_gemma3_dir, prompt_logits
 
 
 @pytest.fixture(scope="module")
@@ -40,19 +37,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def factors(tiny) -> dict[str, torch.Tensor]:
     return compute_factors(tiny.spec, tiny.weights)
-
-
-def _logits(model: Gemma3Model, ids: list[int]) -> torch.Tensor:
-    alloc = SWAAllocator(16, 16, 4)
-    pool = KVPool(KVLayout.from_model(model.spec, model.dtype), alloc)
-    table = ReqTable(1, 64)
-    runner = ModelRunner(model, pool, table, validate=True)
-    row = table.alloc_row()
-    table.write(row, 0, alloc.alloc(len(ids)))
-    out = runner.forward([BatchItem(row, 0, ids)], return_all_logits=True)
-    assert out.all_logits is not None
-    alloc.check_integrity()
-    return out.all_logits[0]
 
 
 def test_factors_follow_the_formula() -> None:
@@ -69,12 +53,12 @@ def test_smoothing_keeps_the_float32_function(tiny, factors) -> None:
     spread = torch.cat(list(factors.values()))
     assert spread.max() / spread.min() > 2  # the fold moves real range around
     ids = calibration_ids(tiny.spec)[0][:20]
-    exact = _logits(Gemma3Model(tiny.spec, tiny.weights, torch.float32), ids)
+    exact = prompt_logits(Gemma3Model(tiny.spec, tiny.weights, torch.float32), ids)
     smoothed = smooth_weights(tiny.weights, factors)
-    got = _logits(Gemma3Model(tiny.spec, smoothed, torch.float32), ids)
+    got = prompt_logits(Gemma3Model(tiny.spec, smoothed, torch.float32), ids)
     assert (got - exact).abs().max() <= 1e-4 * exact.abs().max()
     norms_kept = {k: (tiny.weights[k] if "layernorm" in k else v) for k, v in smoothed.items()}
-    broken = _logits(Gemma3Model(tiny.spec, norms_kept, torch.float32), ids)
+    broken = prompt_logits(Gemma3Model(tiny.spec, norms_kept, torch.float32), ids)
     assert (broken - exact).abs().max() > 1e-2 * exact.abs().max()
 
 
