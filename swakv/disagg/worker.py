@@ -5,8 +5,9 @@ A PD worker engine (`PrefillEngine`, `DecodeEngine`) wraps one EngineCore and is
 driven by the server's AsyncEngine exactly like an EngineCore (same methods), on the
 same single engine thread. Work also arrives from peers, through the control plane's
 `events` queue, so `has_unfinished()` is always True and `step()` waits on that
-queue for at most `idle_wait` seconds when the engine has nothing to compute: HTTP
-commands are picked up within that time, control messages at once.
+queue for at most IDLE_WAIT_S seconds when the engine has nothing to compute. Control
+messages and transfer completions arrive on the queue and end the wait at once; so do
+HTTP commands, whose AsyncEngine posts a wake-up (`wake`) with each one.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ from swakv.memory.pages import Need
 
 log = logging.getLogger("swakv.disagg")
 
-IDLE_WAIT_S = 0.005
+# An idle step's longest wait for an event. Everything that brings work ends the wait
+# (see the module doc), so this only paces the checks that run between steps (the
+# decode role's KV timeouts, `_before_step`).
+IDLE_WAIT_S = 0.05
+_WAKE = object()  # `wake`'s event: ends a wait, handled by nothing
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,13 @@ class PDEngineBase(abc.ABC):
             except queue.Empty:
                 return
 
+    def wake(self) -> None:
+        """End an idle step's wait now (any thread): the server has posted a command."""
+        self.events.put(_WAKE)
+
     def _on_event(self, event: Any, outputs: list[StepOutput]) -> None:
+        if event is _WAKE:
+            return
         if isinstance(event, Received):
             self._on_message(event.peer, event.message, outputs)
         elif isinstance(event, PeerLost):

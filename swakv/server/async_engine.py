@@ -162,7 +162,7 @@ class AsyncEngine:
         with self._submit_lock:
             if not self._closed:
                 self._closed = True
-                self._cmds.put(_STOP)
+                self._post(_STOP)
         if self._thread.is_alive():
             self._thread.join(timeout)
         self.stopped = True
@@ -185,11 +185,20 @@ class AsyncEngine:
         with self._submit_lock:
             if self._closed or not self.healthy:
                 raise EngineUnavailable(f"engine is not running: {self.error or 'shut down'}")
-            self._cmds.put(("add", items))
+            self._post(("add", items))
         return RequestGroup(self, q, ids)
 
     def abort(self, request_ids: list[str]) -> None:
-        self._cmds.put(("abort", list(request_ids)))
+        self._post(("abort", list(request_ids)))
+
+    def _post(self, cmd: Any) -> None:
+        self._cmds.put(cmd)
+        self._wake_engine()
+
+    def _wake_engine(self) -> None:
+        """After a command is posted (any thread). The engine thread waits on the command
+        queue itself when idle; an engine whose idle step waits elsewhere (PD workers)
+        overrides this to end that wait."""
 
     # ---- engine thread ------------------------------------------------------------
     def _main(self) -> None:

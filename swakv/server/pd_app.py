@@ -76,6 +76,9 @@ class PDAsyncEngine(AsyncEngine):
             work = [(RoutedPrompt(ids, hint), params) for ids, params in work]
         return super().submit(request_id, work)
 
+    def _wake_engine(self) -> None:
+        self.engine.wake()  # its idle step waits on the PD event queue, not on commands
+
     def _failure(self, out) -> Exception:
         """A PD peer gone or timed out is a 503 (`engine_unavailable`), not a 500."""
         if isinstance(out, UnavailableOutput):

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
+import time
 
 import pytest
 
+from swakv.disagg import worker
 from swakv.disagg.control import PeerLost, Received
 from swakv.disagg.decode_worker import DecodeEngine
 from swakv.disagg.messages import Abort
 from swakv.disagg.metrics import PDStats
 from swakv.disagg.prefill_worker import PrefillEngine
 from swakv.disagg.worker import PDEngineBase, UnexpectedEvent
+from swakv.server.pd_app import PDAsyncEngine
 
 HOOKS = frozenset({"_on_message", "_on_peer_lost", "_stats"})
 
@@ -73,3 +77,34 @@ def test_a_bad_event_is_logged_and_the_events_after_it_are_handled(caplog):
     (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert "handling PD event 'stray' failed" in record.getMessage()
     assert record.exc_info[0] is UnexpectedEvent
+
+
+def test_wake_ends_an_idle_wait_and_reaches_no_hook(monkeypatch, caplog):
+    """An idle step waits on the event queue; `wake` (posted by the server with each
+    HTTP command) ends the wait at once and is no event for the role hooks."""
+    monkeypatch.setattr(worker, "IDLE_WAIT_S", 30.0)  # a missed wake would hang the test
+    rec = recorder()
+    waker = threading.Timer(0.1, rec.wake)
+    waker.start()
+    outputs: list = []
+    t0 = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="swakv.disagg"):
+        rec._drain_events(outputs, block=True)
+        rec.wake()
+        rec.events.put(PeerLost("p", "gone"))  # what follows a wake is still handled
+        rec._drain_events(outputs, block=True)
+    assert time.monotonic() - t0 < 10.0
+    waker.join()
+    assert rec.seen == [("lost", "p", "gone")] and outputs == []
+    assert rec.events.empty() and not caplog.records
+
+
+def test_pd_server_wakes_its_engine_with_every_command():
+    """PDAsyncEngine posts a wake-up to the PD engine after each command it queues."""
+    rec = recorder()
+    server = PDAsyncEngine.__new__(PDAsyncEngine)  # skip __init__: it snapshots an engine
+    server.engine, server._cmds = rec, queue.SimpleQueue()
+    server.abort(["r1", "r2"])
+    assert server._cmds.get_nowait() == ("abort", ["r1", "r2"])
+    assert rec.events.get_nowait() is worker._WAKE
+    assert rec.events.empty()
