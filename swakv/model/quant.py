@@ -35,9 +35,9 @@ float32 greedy continuation; top-1 agreement / mean KL vs float32, small-batch /
 large-batch path): with float32 activations int8 99.17% / 0.0003 (per output channel,
 the earlier format, 96.4% / 0.0036: one scale per 640-wide row cannot follow the
 GGUF's per-32 block scales); with bf16 activations bf16 none 98.0% / 0.0007, int8
-98.2 / 97.8% / 0.0009 (bf16 rounding of the activations is what stops it short of
+98.2 / 98.0% / 0.0009 (bf16 rounding of the activations is what stops it short of
 99%), w8a8 97.8 / 97.3% / 0.002 / 0.004 (unsmoothed 97.4-97.8 / 94.9-95.3%, KL 0.013),
-int4 85.3% / 0.16. The default model's
+int4 85.2% / 0.16. The default model's
 weights are already 4-8-bit GGUF values (q/k/v and gate/up Q5_0, o Q4_K, down Q4_K /
 Q6_K, embedding Q8_0): int4 holds the Q4_K groups exactly (each group's span snapped
 to the source grid: o alone in int4 then costs nothing, it cost 2.9 points with plain
