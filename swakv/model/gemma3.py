@@ -38,7 +38,7 @@ from swakv.model.quant import (
     build_linears,
     mkldnn_bf16,
 )
-from swakv.model.quant_cache import model_owns_cache, quant_cache_dir
+from swakv.model.quant_cache import cache_for
 from swakv.model.rope import RopeKey, apply_rope, inv_freq, rope_cos_sin
 from swakv.model.sampler import greedy_ids
 from swakv.model.smoothing import load_or_compute_factors, smooth_weights
@@ -168,9 +168,8 @@ class Gemma3Model:
         self.attn_softcap = spec.attn_logit_softcap
         self.final_softcap = spec.final_logit_softcap
         if self.quantization is Quantization.W8A8:  # see swakv.model.smoothing
-            cache = quant_cache_dir(weights_dir) if weights_dir is not None else None
-            prune = weights_dir is not None and model_owns_cache(weights_dir)
-            weights = smooth_weights(weights, load_or_compute_factors(spec, weights, cache, prune))
+            weights = smooth_weights(
+                weights, load_or_compute_factors(spec, weights, *cache_for(weights_dir)))
 
         def norm(name: str) -> torch.Tensor:
             return 1.0 + weights[name].float()

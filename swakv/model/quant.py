@@ -396,11 +396,9 @@ def build_linears(
     if mode is Quantization.NONE:
         return {name: DenseKernel(w, dtype, prepack, _tile_rows(role_of(name)))
                 for name, w in sources.items()}
-    from swakv.model.quant_cache import load_or_quantize, model_owns_cache, quant_cache_dir
+    from swakv.model.quant_cache import cache_for, load_or_quantize
 
-    cache = quant_cache_dir(weights_dir) if weights_dir is not None else None
-    prune = weights_dir is not None and model_owns_cache(weights_dir)
-    packed = load_or_quantize(mode, sources, cache, prune)
+    packed = load_or_quantize(mode, sources, *cache_for(weights_dir))
     workspace = Int32Workspace()  # the model's linears run one at a time
     return {
         name: make_quant_linear(mode, role_of(name), p, dtype, prepack, workspace)

@@ -67,6 +67,14 @@ def quant_cache_dir(model_dir: Path) -> Path:
     return cache_dir().resolve() / "quant"
 
 
+def cache_for(weights_dir: Path | None) -> tuple[Path | None, bool]:
+    """(the cache dir of the model in `weights_dir`, whether stale files there may be
+    pruned); (None, False) without a model dir (nothing is cached)."""
+    if weights_dir is None:
+        return None, False
+    return quant_cache_dir(weights_dir), model_owns_cache(weights_dir)
+
+
 def model_owns_cache(model_dir: Path) -> bool:
     """Whether `quant_cache_dir(model_dir)` holds this model's files only (a model
     directory under swakv's cache root), so files it no longer reads may be removed."""

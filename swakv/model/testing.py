@@ -207,8 +207,8 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
 
 def prompt_logits(model: Any, ids: list[int]) -> torch.Tensor:
     """fp32 [len(ids), vocab]: `model`'s logits at every position of one prompt, run as
-    one forward on fresh pools sized for up to 60 tokens (pages of 4), integrity
-    checked after it."""
+    one forward on fresh pools sized for up to 60 tokens (pages of 4); integrity is
+    checked after the forward and after its pages are freed, when all must be back."""
     from swakv.config import KVLayout
     from swakv.engine.runner import BatchItem, ModelRunner
     from swakv.memory import KVPool, ReqTable, SWAAllocator
@@ -222,4 +222,9 @@ def prompt_logits(model: Any, ids: list[int]) -> torch.Tensor:
     out = runner.forward([BatchItem(row, 0, ids)], return_all_logits=True)
     assert out.all_logits is not None
     alloc.check_integrity()
+    alloc.free(table.slots[row, : len(ids)])
+    table.free_row(row)
+    alloc.check_integrity()
+    table.check_integrity()
+    assert alloc.available() == alloc.total(), "prompt_logits leaked pages"
     return out.all_logits[0]
